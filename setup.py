@@ -1,0 +1,41 @@
+"""jaxtrain: a sharded JAX training framework (Flax NNX, Optax, Orbax, TFDS, grain)."""
+
+import setuptools
+
+setuptools.setup(
+    name="jaxtrain",
+    version="0.1.0",
+    description="Sharded JAX training: Flax NNX models, jax.jit over a device mesh, Orbax, TFDS.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["jaxtrain", "jaxtrain.*"]),
+    install_requires=[
+        # jax 0.10.2 is the newest release for Python 3.11; 0.11+ need Python 3.12.
+        "jax>=0.10.2",
+        "flax>=0.12.0",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.8",
+        "tensorflow-datasets>=4.9.10",
+        "grain>=0.2.18",
+        "ml-collections>=1.1.0",
+        "absl-py>=2.1",
+        "numpy>=1.26",
+        # tfds needs these at run time without TensorFlow: pillow decodes images,
+        # importlib_resources backs its resource lookups on Python 3.11.
+        "pillow>=10.0",
+        "importlib_resources>=6.0",
+        # Ships the 8x8 handwritten digits used by the bundled `digits` data set.
+        "scikit-learn>=1.3",
+        # TensorBoard event files without TensorFlow.
+        "tensorboardX>=2.6",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8.0", "portpicker>=1.6", "ruff>=0.6"],
+        "gpu": ["jax[cuda13]>=0.10.2"],
+        "tpu": ["jax[tpu]>=0.10.2"],
+    },
+    entry_points={"console_scripts": ["jaxtrain=jaxtrain.cli:run"]},
+)
