@@ -1,0 +1,238 @@
+"""GPT-style decoder: RoPE, RMSNorm, gated (SwiGLU) MLP, causal attention.
+
+Every parameter names its dimensions with logical axes (see jaxtrain.sharding); the
+config's rules table decides how each is laid out over the mesh. Activations are
+constrained at block boundaries so XLA does not invent surprising layouts.
+"""
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrain.sharding import constrain
+
+BLE = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _init(std: float):
+    return nnx.initializers.normal(stddev=std)
+
+
+def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+    """Rotary position embedding over the last dimension of x: [batch, length, heads, dim]."""
+    half = x.shape[-1] // 2
+    freqs = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions[:, None].astype(jnp.float32) * freqs[None, :]  # [length, half]
+    sin, cos = jnp.sin(angles)[None, :, None, :], jnp.cos(angles)[None, :, None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head (or grouped-query, num_kv_heads < num_heads) causal self-attention."""
+
+    def __init__(
+        self,
+        embed_dim,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        rope_base,
+        attention_impl,
+        num_layers,
+        *,
+        dtype,
+        param_dtype,
+        rngs,
+    ):
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
+            )
+        self.rope_base = rope_base
+        self.attention_impl = None if attention_impl == "auto" else attention_impl
+        std = embed_dim**-0.5
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.query = nnx.Einsum(
+            "bld,dhk->blhk",
+            (embed_dim, num_heads, head_dim),
+            kernel_init=_init(std),
+            kernel_metadata={"out_sharding": ("embed", "heads", "head_dim")},
+            **kw,
+        )
+        self.key = nnx.Einsum(
+            "bld,dhk->blhk",
+            (embed_dim, num_kv_heads, head_dim),
+            kernel_init=_init(std),
+            kernel_metadata={"out_sharding": ("embed", "kv_heads", "head_dim")},
+            **kw,
+        )
+        self.value = nnx.Einsum(
+            "bld,dhk->blhk",
+            (embed_dim, num_kv_heads, head_dim),
+            kernel_init=_init(std),
+            kernel_metadata={"out_sharding": ("embed", "kv_heads", "head_dim")},
+            **kw,
+        )
+        # Residual-branch outputs scaled down with depth (GPT-2).
+        out_std = (num_heads * head_dim) ** -0.5 / (2 * num_layers) ** 0.5
+        self.out = nnx.Einsum(
+            "blhk,hkd->bld",
+            (num_heads, head_dim, embed_dim),
+            kernel_init=_init(out_std),
+            kernel_metadata={"out_sharding": ("heads", "head_dim", "embed")},
+            **kw,
+        )
+
+    def __call__(self, x, positions):
+        heads = ("activation_batch", "activation_length", "activation_heads", None)
+        kv_heads = ("activation_batch", "activation_length", "activation_kv_heads", None)
+        q = constrain(rope(self.query(x), positions, self.rope_base), heads)
+        k = constrain(rope(self.key(x), positions, self.rope_base), kv_heads)
+        v = constrain(self.value(x), kv_heads)
+        y = jax.nn.dot_product_attention(
+            q, k, v, is_causal=True, implementation=self.attention_impl
+        )
+        return self.out(constrain(y, heads))
+
+
+class MLP(nnx.Module):
+    """Gated MLP: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, embed_dim, mlp_dim, num_layers, *, dtype, param_dtype, rngs):
+        kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        std = embed_dim**-0.5
+        self.gate = nnx.Linear(
+            embed_dim,
+            mlp_dim,
+            kernel_init=_init(std),
+            kernel_metadata={"out_sharding": ("embed", "mlp")},
+            **kw,
+        )
+        self.up = nnx.Linear(
+            embed_dim,
+            mlp_dim,
+            kernel_init=_init(std),
+            kernel_metadata={"out_sharding": ("embed", "mlp")},
+            **kw,
+        )
+        self.down = nnx.Linear(
+            mlp_dim,
+            embed_dim,
+            kernel_init=_init(mlp_dim**-0.5 / (2 * num_layers) ** 0.5),
+            kernel_metadata={"out_sharding": ("mlp", "embed")},
+            **kw,
+        )
+
+    def __call__(self, x):
+        h = jax.nn.silu(self.gate(x)) * self.up(x)
+        h = constrain(h, ("activation_batch", "activation_length", "activation_mlp"))
+        return self.down(h)
+
+
+def _norm(embed_dim, dtype, param_dtype, rngs):
+    return nnx.RMSNorm(
+        embed_dim,
+        dtype=dtype,
+        param_dtype=param_dtype,
+        rngs=rngs,
+        scale_metadata={"out_sharding": ("norm",)},
+    )
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn_norm = _norm(cfg["embed_dim"], dtype, param_dtype, rngs)
+        self.attn = Attention(
+            cfg["embed_dim"],
+            cfg["num_heads"],
+            cfg["num_kv_heads"],
+            cfg["head_dim"],
+            cfg["rope_base"],
+            cfg["attention_impl"],
+            cfg["num_layers"],
+            **kw,
+        )
+        self.mlp_norm = _norm(cfg["embed_dim"], dtype, param_dtype, rngs)
+        self.mlp = MLP(cfg["embed_dim"], cfg["mlp_dim"], cfg["num_layers"], **kw)
+        self.dropout = nnx.Dropout(cfg["dropout_rate"])
+
+    def __call__(self, x, positions, *, train, rngs):
+        y = self.attn(self.attn_norm(x), positions)
+        x = constrain(x + self.dropout(y, deterministic=not train, rngs=rngs), BLE)
+        y = self.mlp(self.mlp_norm(x))
+        return constrain(x + self.dropout(y, deterministic=not train, rngs=rngs), BLE)
+
+
+class GPT(nnx.Module):
+    """Decoder-only language model over integer tokens [batch, length] -> logits."""
+
+    task = "lm"
+
+    def __init__(
+        self,
+        *,
+        vocab_size,
+        num_layers,
+        embed_dim,
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        mlp_dim,
+        rope_base=10_000.0,
+        dropout_rate=0.0,
+        attention_impl="auto",
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        rngs: nnx.Rngs,
+    ):
+        cfg = dict(
+            embed_dim=embed_dim,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            mlp_dim=mlp_dim,
+            rope_base=rope_base,
+            dropout_rate=dropout_rate,
+            attention_impl=attention_impl,
+            num_layers=num_layers,
+        )
+        self.dtype = dtype
+        self.embed = nnx.Embed(
+            vocab_size,
+            embed_dim,
+            embedding_init=_init(1.0),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            embedding_metadata={"out_sharding": ("vocab", "embed")},
+        )
+        self.blocks = nnx.List(
+            [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(num_layers)]
+        )
+        self.final_norm = _norm(embed_dim, dtype, param_dtype, rngs)
+        self.lm_head = nnx.Linear(
+            embed_dim,
+            vocab_size,
+            use_bias=False,
+            # Small logits at init: the first loss is ~ln(vocab_size).
+            kernel_init=_init(0.02),
+            dtype=dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            kernel_metadata={"out_sharding": ("embed", "vocab")},
+        )
+
+    def __call__(self, tokens, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        positions = jnp.arange(tokens.shape[1])
+        x = constrain(self.embed(tokens), BLE)
+        for block in self.blocks:
+            x = block(x, positions, train=train, rngs=rngs)
+        logits = self.lm_head(self.final_norm(x))
+        # Loss and softmax in float32 whatever the compute dtype.
+        logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
+        return logits.astype(jnp.float32)
