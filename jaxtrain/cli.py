@@ -1,0 +1,118 @@
+"""The `jaxtrain` command: flags and subcommands. It holds no training logic.
+
+    jaxtrain train --config=configs/gpt_pysource.py[:arg] --workdir=DIR [--config.key=value ...]
+
+Bad input (a missing config file, an unknown or mistyped override, a mesh that does not
+fit the devices, ...) prints one line, `jaxtrain: error: ...`, exits with status 2, and
+leaves the workdir untouched.
+"""
+
+import difflib
+import os
+import sys
+
+from jaxtrain.config import load_config
+
+USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+
+commands:
+  train   train and evaluate; rerunning with the same --workdir resumes from its checkpoint
+"""
+
+EXIT_BAD_INPUT = 2
+
+
+def _error(message: str) -> int:
+    print(f"jaxtrain: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _flag_value(argv, name):
+    for arg in argv:
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _dotted_keys(config, prefix=""):
+    for key, value in config.items():
+        path = f"{prefix}{key}"
+        yield path
+        if hasattr(value, "items"):
+            yield from _dotted_keys(value, f"{path}.")
+
+
+def _diagnose(argv, error: Exception) -> str:
+    """Turns a flag-parsing failure into one line that names what was wrong."""
+    spec = _flag_value(argv, "config")
+    try:
+        base = load_config(spec)
+    except Exception as e:  # the file itself does not load
+        return f"config file {spec.partition(':')[0]!r} failed to load: {type(e).__name__}: {e}"
+    valid = set(_dotted_keys(base))
+    for arg in argv:
+        if arg.startswith("--config.") and "=" in arg:
+            key = arg[len("--config.") :].split("=", 1)[0]
+            if key not in valid:
+                close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.5)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                return f"unknown config key {key!r} in {arg!r}{hint}"
+    return str(error).splitlines()[0] if str(error) else type(error).__name__
+
+
+def main(argv: list[str]) -> int:
+    """Runs the command line `argv` (argv[0] is the program name); returns the exit status."""
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(USAGE, file=sys.stderr if len(argv) < 2 else sys.stdout)
+        return EXIT_BAD_INPUT if len(argv) < 2 else 0
+    command, args = argv[1], argv[2:]
+    if command != "train":
+        return _error(f"unknown command {command!r}; the command is 'train'")
+
+    spec = _flag_value(args, "config")
+    if not spec:
+        return _error("--config=FILE.py[:ARG] is required")
+    if not os.path.isfile(spec.partition(":")[0]):
+        return _error(f"config file not found: {spec.partition(':')[0]!r}")
+    if not _flag_value(args, "workdir"):
+        return _error("--workdir=DIR is required")
+
+    from absl import flags
+    from ml_collections import config_flags
+
+    flag_values = flags.FlagValues()
+    command_line = [argv[0], *args]
+    # config_flags finds the --config.KEY overrides in `sys_argv`, not in what is parsed.
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file (get_config(arg)); override fields with --config.KEY=VALUE.",
+        flag_values=flag_values,
+        lock_config=True,
+        sys_argv=command_line,
+    )
+    flags.DEFINE_string(
+        "workdir", None, "Run directory: config, metrics, checkpoints.", flag_values=flag_values
+    )
+    try:
+        flag_values(command_line)
+    except Exception as e:  # absl flag errors, unknown config keys, bad values
+        return _error(_diagnose(args, e))
+
+    from jaxtrain.errors import ConfigError
+    from jaxtrain.train import train_and_evaluate
+
+    try:
+        train_and_evaluate(flag_values.config, flag_values.workdir)
+    except ConfigError as e:
+        return _error(e)
+    return 0
+
+
+def run() -> None:
+    """Console-script entry point."""
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()

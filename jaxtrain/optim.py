@@ -1,0 +1,43 @@
+"""Optimizer and learning-rate schedule from config."""
+
+import jax
+import optax
+
+
+def make_schedule(optim_config, num_train_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio`."""
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=optim_config.lr,
+        warmup_steps=optim_config.warmup_steps,
+        decay_steps=max(num_train_steps, optim_config.warmup_steps + 1),
+        end_value=optim_config.lr * optim_config.min_lr_ratio,
+    )
+
+
+def _decay_mask(params):
+    # Weight decay on matrices and kernels only, not on norm scales or biases.
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW with global-norm gradient clipping.
+
+    Args:
+      optim_config: `config.optim` (lr, b1, b2, eps, weight_decay, grad_clip_norm, ...).
+      schedule: the learning-rate schedule.
+
+    Returns:
+      The optax transformation.
+    """
+    return optax.chain(
+        optax.clip_by_global_norm(optim_config.grad_clip_norm),
+        optax.adamw(
+            learning_rate=schedule,
+            b1=optim_config.b1,
+            b2=optim_config.b2,
+            eps=optim_config.eps,
+            weight_decay=optim_config.weight_decay,
+            mask=_decay_mask,
+        ),
+    )

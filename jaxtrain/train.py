@@ -1,0 +1,280 @@
+"""`train_and_evaluate(config, workdir)`: the training loop, in the order it runs.
+
+    config -> mesh -> model (abstract) + shardings -> checks -> data -> workdir
+           -> state (restored or created already sharded) -> compiled steps -> loop
+
+Everything that can reject the request (mesh, batch split, names, an incompatible
+checkpoint, a missing split) runs before the first byte is written to the workdir.
+"""
+
+import json
+import math
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxtrain import checkpoint, data, metrics, models, optim, precision, sharding, steps
+from jaxtrain.errors import ConfigError
+
+
+def _check_config(config) -> None:
+    for key in (
+        "global_batch_size",
+        "num_train_steps",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+    ):
+        if config[key] <= 0:
+            raise ConfigError(f"config.{key} must be positive, got {config[key]}")
+
+
+def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.TrainState, dict]:
+    """Trains and evaluates as `config` says, logging and checkpointing to `workdir`.
+
+    Rerunning with the same workdir resumes from its latest checkpoint.
+
+    Args:
+      config: an ml_collections ConfigDict (see configs/).
+      workdir: where config.json, metrics, TensorBoard files and checkpoints go.
+      devices: devices for the mesh; all devices by default (a subset is for tests and
+        notebooks).
+
+    Returns:
+      (state, metrics): the final TrainState (sharded over the mesh) and the final
+      evaluation metrics plus the last logged training loss as `train_loss`.
+
+    Raises:
+      ConfigError: bad input; nothing has been written to `workdir`.
+    """
+    _check_config(config)
+
+    # --- Mesh and batch split ------------------------------------------------------------
+    mesh = sharding.make_mesh(config.mesh, devices)
+    rules = tuple(tuple(rule) for rule in config.rules)
+    split = sharding.data_parallel_size(mesh, rules)
+    if config.global_batch_size % split:
+        batch_axes = sharding.logical_to_mesh_spec(("activation_batch",), rules)[0]
+        raise ConfigError(
+            f"config.global_batch_size={config.global_batch_size} is not divisible by the "
+            f"{split} ways the mesh splits a batch (over {batch_axes})"
+        )
+    if config.global_batch_size % jax.process_count():
+        raise ConfigError(
+            f"config.global_batch_size={config.global_batch_size} is not divisible "
+            f"by the {jax.process_count()} processes"
+        )
+    local_batch_size = config.global_batch_size // jax.process_count()
+    replicated = NamedSharding(mesh, PartitionSpec())
+    batch_sharding = sharding.batch_sharding(mesh, rules)
+
+    # --- Model, optimizer and their shardings, all abstract: no device memory yet -------
+    task = models.model_class(config.model.name).task
+    compute_dtype, param_dtype = precision.dtypes(config.precision, mesh.devices.flat[0].platform)
+
+    def create_model(rng):
+        # Shardings are applied from our rules table by jit's out_shardings, not by Flax.
+        with nnx.use_eager_sharding(False):
+            return models.make_model(
+                config.model,
+                dtype=compute_dtype,
+                param_dtype=param_dtype,
+                rngs=nnx.Rngs(params=rng),
+            )
+
+    abstract_model = nnx.eval_shape(lambda: create_model(jax.random.key(0)))
+    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
+    param_shardings = sharding.named_shardings(
+        nnx.to_pure_dict(nnx.get_partition_spec(abstract_params)), mesh, rules
+    )
+    schedule = optim.make_schedule(config.optim, config.num_train_steps)
+    tx = optim.make_optimizer(config.optim, schedule)
+
+    def init_state(rng) -> steps.TrainState:
+        params_rng, dropout_rng = jax.random.split(rng)
+        params = nnx.to_pure_dict(nnx.state(create_model(params_rng), nnx.Param))
+        return steps.TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=tx.init(params),
+            rng=jax.random.key_data(dropout_rng),
+        )
+
+    state_shapes = jax.eval_shape(init_state, jax.random.key(0))
+    opt_shardings = optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        state_shapes.opt_state,
+        param_shardings,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+    state_shardings = steps.TrainState(
+        step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
+    )
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        state_shapes,
+        state_shardings,
+    )
+
+    # --- Checks against the workdir and the data, still writing nothing -------------------
+    resume_step = checkpoint.latest_compatible_step(workdir, abstract_state)
+    data.pipeline.get_builder(config.data)  # unknown names fail fast, before any download
+    train_examples = data.pipeline.make_examples(config.data, task, config.data.train_split)
+    eval_examples = data.pipeline.make_examples(config.data, task, config.data.eval_split)
+
+    # --- Workdir ------------------------------------------------------------------------
+    config_dict = json.loads(config.to_json_best_effort())
+    if jax.process_index() == 0:
+        try:
+            os.makedirs(workdir, exist_ok=True)
+            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+                json.dump(config_dict, f, indent=2)
+        except OSError as e:
+            raise ConfigError(f"cannot write workdir {workdir!r}: {e.strerror}") from e
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    train_iter = data.make_train_iterator(
+        train_examples,
+        local_batch_size=local_batch_size,
+        seed=config.data.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+
+    with jax.set_mesh(mesh), sharding.use_rules(rules):
+        # --- State: restored, or created directly in its sharded layout ------------------
+        if resume_step is not None:
+            state, data_state = ckpt.restore(resume_step, abstract_state)
+            train_iter.set_state(data_state)
+            metrics.truncate_metrics(workdir, resume_step)
+        else:
+            state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(config.seed))
+        start_step = int(state.step)
+
+        # --- One compiled train step; memory and FLOPs known before step 1 ---------------
+        abstract_batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(
+                (config.global_batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding
+            ),
+            next(iter(train_examples.batch(1))),
+        )
+        train_step = (
+            jax.jit(
+                steps.make_train_step(graphdef, tx, schedule),
+                in_shardings=(state_shardings, batch_sharding),
+                out_shardings=(state_shardings, replicated),
+                donate_argnums=(0,),
+            )
+            .lower(abstract_state, abstract_batch)
+            .compile()
+        )
+        eval_step = jax.jit(
+            steps.make_eval_step(graphdef),
+            in_shardings=(param_shardings, batch_sharding, replicated),
+            out_shardings=replicated,
+            donate_argnums=(2,),
+        )
+        step_stats = metrics.compiled_stats(train_step)
+        _describe_run(config, mesh, abstract_state, abstract_batch, step_stats, start_step)
+
+        def evaluate(params) -> dict[str, float]:
+            totals = steps.zero_eval_totals()
+            for local in data.eval_batches(
+                eval_examples,
+                global_batch_size=config.global_batch_size,
+                max_batches=config.eval_steps,
+                shard_index=jax.process_index(),
+                shard_count=jax.process_count(),
+            ):
+                batch = jax.tree.map(
+                    lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local
+                )
+                totals = eval_step(params, batch, totals)
+            totals = jax.device_get(totals)
+            loss = totals["loss_sum"] / totals["count"]
+            result = {"loss": loss, "accuracy": totals["correct_sum"] / totals["count"]}
+            if task == "lm":
+                result["perplexity"] = math.exp(min(loss, 50.0))
+            return result
+
+        # --- The loop ----------------------------------------------------------------------
+        writer = metrics.MetricWriter(
+            workdir, total_steps=config.num_train_steps, initial_step=start_step
+        )
+        batches = data.DevicePrefetcher(train_iter, batch_sharding, size=config.data.prefetch)
+        timer = metrics.Throughput(start_step)
+        peak = metrics.peak_flops(mesh.devices.flat[0])
+        examples_per_step = config.global_batch_size
+        tokens_per_step = examples_per_step * (config.data.seq_len if task == "lm" else 0)
+        pending = None  # (step, metrics on device): fetched one step late, never blocking
+        result: dict[str, float] = {}
+
+        def flush_pending():
+            nonlocal pending
+            if pending is None:
+                return
+            logged_step, logged = pending
+            pending = None
+            scalars = {k: float(v) for k, v in jax.device_get(logged).items()}
+            seconds = timer.measure(logged_step)
+            if seconds:
+                scalars["step_time_s"] = seconds
+                scalars["examples_per_s"] = examples_per_step / seconds
+                if tokens_per_step:
+                    scalars["tokens_per_s"] = tokens_per_step / seconds
+                if peak and "flops" in step_stats:
+                    scalars["mfu"] = step_stats["flops"] / seconds / peak
+            writer.write(logged_step, "train", scalars)
+            result["train_loss"] = scalars["loss"]
+
+        try:
+            for step in range(start_step + 1, config.num_train_steps + 1):
+                state, step_metrics = train_step(state, next(batches))
+                writer.advance()
+                flush_pending()  # the device is busy with `step` now; read `step - 1`
+                last = step == config.num_train_steps
+                if step % config.log_every_steps == 0 or last:
+                    pending = (step, step_metrics)
+                if step % config.checkpoint_every_steps == 0 or last:
+                    ckpt.save(step, state, batches.state, config_dict)
+                if step % config.eval_every_steps == 0 or last:
+                    flush_pending()  # first, so the eval is not counted as step time
+                    eval_metrics = evaluate(state.params)
+                    writer.write(step, "eval", eval_metrics)
+                    result.update(eval_metrics)
+                    timer.reset(step)
+            flush_pending()
+        finally:
+            batches.close()
+            writer.close()
+            ckpt.close()
+    return state, result
+
+
+def _describe_run(config, mesh, abstract_state, abstract_batch, stats, start_step) -> None:
+    """Prints what will run: sizes, layout, per-device memory and FLOPs of the step."""
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
+    shapes = {k: tuple(v.shape) for k, v in abstract_batch.items()}
+    lines = [
+        f"model {config.model.name}: {num_params:,} parameters | "
+        f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices",
+        f"global batch {config.global_batch_size} {shapes} | steps {start_step} -> "
+        f"{config.num_train_steps}" + (f" (resumed at {start_step})" if start_step else ""),
+    ]
+    if "flops" in stats:
+        lines.append(f"train step: {metrics.human(stats['flops'])}FLOP per device")
+    if "temp_size_in_bytes" in stats:
+        lines.append(
+            "train step memory per device: "
+            f"arguments {metrics.human(stats['argument_size_in_bytes'])}B, "
+            f"temporaries {metrics.human(stats['temp_size_in_bytes'])}B, "
+            f"outputs {metrics.human(stats['output_size_in_bytes'])}B "
+            f"(aliased with donated inputs {metrics.human(stats.get('alias_size_in_bytes', 0))}B)"
+        )
+    for line in lines:
+        metrics.console(line)
