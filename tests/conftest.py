@@ -1,0 +1,63 @@
+"""Test setup: 8 simulated CPU devices, set before anything imports jax."""
+
+import atexit
+import os
+import shutil
+import tempfile
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# TFDS reads this once, at import: every bundled data set the tests build lands in a
+# temporary directory, never in ~/tensorflow_datasets.
+_DATA_DIR = tempfile.mkdtemp(prefix="jaxtrain_tfds_")
+os.environ["TFDS_DATA_DIR"] = _DATA_DIR
+atexit.register(shutil.rmtree, _DATA_DIR, ignore_errors=True)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from jaxtrain.config import load_config as load_config_file  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = os.path.join(REPO, "configs")
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    """One TFDS data_dir for the session, so each bundled data set is built once."""
+    return _DATA_DIR
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
+
+
+def load_config(name: str, arg: str | None = None, data_dir: str | None = None, **overrides):
+    """Loads configs/<name>.py[:arg], points it at `data_dir` and applies dotted overrides."""
+    spec = os.path.join(CONFIGS, f"{name}.py") + (f":{arg}" if arg else "")
+    config = load_config_file(spec)
+    if data_dir is not None:
+        config.data.data_dir = data_dir
+    for key, value in overrides.items():
+        *parents, leaf = key.split("__")
+        node = config
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    return config
+
+
+def read_metrics(workdir, split="train"):
+    """{step: record} from workdir/metrics.jsonl for one split."""
+    import json
+
+    records = {}
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+        for line in f:
+            record = json.loads(line)
+            if record["split"] == split:
+                records[record["step"]] = record
+    return records

@@ -1,0 +1,57 @@
+"""Every config file loads, and its smoke variant trains."""
+
+import glob
+import os
+
+import jax
+import jax.numpy as jnp
+import pytest
+from conftest import CONFIGS, load_config
+from flax import nnx
+
+from jaxtrain.config import load_config as load_config_file
+from jaxtrain.models import make_model
+from jaxtrain.train import train_and_evaluate
+
+CONFIG_NAMES = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(CONFIGS, "*.py")))
+
+
+def test_configs_exist():
+    assert {"digits_cnn", "gpt_pysource"} <= set(CONFIG_NAMES)
+
+
+@pytest.mark.parametrize("name", CONFIG_NAMES)
+def test_config_loads_and_smoke_variant_trains_two_steps(name, data_dir, tmp_path):
+    full = load_config_file(os.path.join(CONFIGS, f"{name}.py"))
+    assert full.num_train_steps > 0 and full.model.name
+    config = load_config(name, "smoke", data_dir=data_dir, num_train_steps=2)
+    state, result = train_and_evaluate(config, str(tmp_path))
+    assert int(state.step) == 2
+    assert jnp.isfinite(result["loss"]) and jnp.isfinite(result["train_loss"])
+    assert (tmp_path / "checkpoints" / "2").is_dir()
+
+
+def test_bfloat16_compute_keeps_float32_params_and_loss(data_dir, tmp_path):
+    config = load_config(
+        "gpt_pysource",
+        "smoke",
+        data_dir=data_dir,
+        num_train_steps=2,
+        precision__compute_dtype="bfloat16",
+    )
+    with nnx.use_eager_sharding(False):
+        model = make_model(
+            config.model, dtype=jnp.bfloat16, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
+        )
+    tokens = jnp.zeros((2, 8), jnp.int32)
+    assert model.embed(tokens).dtype == jnp.bfloat16  # activations in bf16
+    assert model.blocks[0].mlp.up(model.embed(tokens)).dtype == jnp.bfloat16
+    assert model(tokens).dtype == jnp.float32  # logits and loss in fp32
+
+    state, result = train_and_evaluate(config, str(tmp_path))
+    assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype("float32")}
+    assert {x.dtype for x in jax.tree.leaves(state.opt_state)} <= {
+        jnp.dtype("float32"),
+        jnp.dtype("int32"),
+    }
+    assert jnp.isfinite(result["loss"])

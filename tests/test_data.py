@@ -1,0 +1,137 @@
+"""The bundled TFDS data sets and the grain pipeline."""
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import load_config
+
+from jaxtrain.data import builders, pipeline
+from jaxtrain.errors import ConfigError
+
+
+def test_digits_split_is_fixed_and_complete(data_dir):
+    config = load_config("digits_cnn", data_dir=data_dir)
+    train = pipeline.get_data_source(config.data, "train")
+    test = pipeline.get_data_source(config.data, "test")
+    assert (len(train), len(test)) == (1438, 359)  # all 1,797 digits, 80/20
+    example = train[0]
+    assert example["image"].shape == (8, 8, 1) and example["image"].dtype == np.uint8
+    assert 0 <= example["label"] < 10
+    labels = np.array([test[i]["label"] for i in range(len(test))])
+    assert set(labels) == set(range(10))
+
+
+def test_pysource_splits_by_file(data_dir):
+    config = load_config("gpt_pysource", data_dir=data_dir)
+    train = pipeline.get_data_source(config.data, "train")
+    val = pipeline.get_data_source(config.data, "validation")
+    train_paths = {train[i]["path"] for i in range(len(train))}
+    val_paths = {val[i]["path"] for i in range(len(val))}
+    root, files = builders.stdlib_files()
+    assert not train_paths & val_paths
+    assert len(train_paths) + len(val_paths) == len(files)
+    assert 0.02 < len(val_paths) / len(files) < 0.10
+    # The bytes are the file's bytes.
+    path = sorted(val_paths)[0]
+    record = next(val[i] for i in range(len(val)) if val[i]["path"] == path)
+    assert record["text"] == (root / path.decode()).read_bytes()
+
+
+def test_lm_windows_are_shifted_by_one(data_dir):
+    config = load_config("gpt_pysource", "smoke", data_dir=data_dir)
+    examples = pipeline.make_examples(config.data, "lm", "validation")
+    example = examples[3]
+    assert example["inputs"].shape == (config.data.seq_len,)
+    np.testing.assert_array_equal(example["inputs"][1:], example["targets"][:-1])
+    np.testing.assert_array_equal(examples[4]["inputs"][0], example["targets"][-1])
+
+
+def test_train_iterator_is_deterministic_and_resumable(data_dir):
+    config = load_config("digits_cnn", data_dir=data_dir)
+    examples = pipeline.make_examples(config.data, "classification", "train")
+    make = lambda: pipeline.make_train_iterator(
+        examples, local_batch_size=32, seed=7, shard_index=0, shard_count=1
+    )
+    first = [next(it)["targets"] for it in [make()] for _ in range(3)][-1]
+    it = make()
+    next(it), next(it)
+    state = it.get_state()
+    expected = next(it)["targets"]
+    np.testing.assert_array_equal(expected, first)
+    resumed = make()
+    resumed.set_state(state)
+    np.testing.assert_array_equal(next(resumed)["targets"], expected)
+
+
+def test_process_slices_are_disjoint_and_cover_an_epoch():
+    n = 359  # an odd size, so the two slices differ in length
+    seen = []
+    for index in range(2):
+        # Examples are their own indices, so the slices can be compared exactly.
+        it = pipeline.make_train_iterator(
+            pipeline.grain.MapDataset.range(n),
+            local_batch_size=1,
+            seed=0,
+            shard_index=index,
+            shard_count=2,
+        )
+        seen.append([int(next(it)[0]) for _ in range(len(range(index, n, 2)))])
+    assert all(len(s) == len(set(s)) for s in seen)  # one epoch, no repeats
+    assert not set(seen[0]) & set(seen[1])
+    assert set(seen[0]) | set(seen[1]) == set(range(n))
+
+
+def test_eval_batches_cover_each_example_once_with_padding(data_dir):
+    config = load_config("digits_cnn", data_dir=data_dir)
+    examples = pipeline.make_examples(config.data, "classification", "test")
+    batches = list(
+        pipeline.eval_batches(
+            examples, global_batch_size=100, max_batches=-1, shard_index=0, shard_count=1
+        )
+    )
+    assert len(batches) == 4 and all(b["inputs"].shape[0] == 100 for b in batches)
+    assert sum(b["mask"].sum() for b in batches) == len(examples) == 359
+    labels = np.concatenate([b["targets"][b["mask"] > 0] for b in batches])
+    np.testing.assert_array_equal(labels, [examples[i]["targets"] for i in range(359)])
+
+
+def test_eval_batches_spread_a_capped_sample_over_the_split(data_dir):
+    config = load_config("gpt_pysource", "smoke", data_dir=data_dir)
+    examples = pipeline.make_examples(config.data, "lm", "validation")
+    batches = list(
+        pipeline.eval_batches(
+            examples, global_batch_size=8, max_batches=2, shard_index=0, shard_count=1
+        )
+    )
+    assert len(batches) == 2 and all(b["mask"].all() for b in batches)
+    # 16 examples evenly spaced over the whole split, not its first 16 windows.
+    n = len(examples)
+    chosen = np.concatenate([b["inputs"] for b in batches])
+    for slot in (0, 1, 15):
+        np.testing.assert_array_equal(chosen[slot], examples[slot * n // 16]["inputs"])
+
+
+def test_unknown_data_set_is_a_config_error():
+    config = load_config("digits_cnn")
+    config.data.name = "digitz"
+    with pytest.raises(
+        ConfigError, match="unknown data set 'digitz' \\(did you mean 'digits'\\?\\)"
+    ):
+        pipeline.get_builder(config.data)
+
+
+def test_unknown_split_is_a_config_error(data_dir):
+    config = load_config("digits_cnn", data_dir=data_dir)
+    with pytest.raises(ConfigError, match="no split 'validation'; splits: \\['test', 'train'\\]"):
+        pipeline.get_data_source(config.data, "validation")
+
+
+def test_catalog_data_sets_go_through_the_same_path(data_dir):
+    # tfds.testing.mock_data stands in for a catalog download (mnist) on a machine offline.
+    config = load_config("digits_cnn", data_dir=data_dir)
+    config.data.name = "mnist"
+    with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
+        examples = pipeline.make_examples(config.data, "classification", "train")
+        example = examples[0]
+    assert len(examples) == 12
+    assert example["inputs"].shape == (28, 28, 1) and example["targets"].dtype == np.int32
