@@ -12,13 +12,10 @@ import math
 import os
 
 import jax
-import jax.numpy as jnp
-import optax
-from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxtrain import checkpoint, data, metrics, models, optim, precision, sharding, steps
+from jaxtrain import checkpoint, data, metrics, sharding, steps
 from jaxtrain.errors import ConfigError
+from jaxtrain.state import Setup, compile_train_step, create_state, jit_eval_step, make_setup
 
 
 def _check_config(config) -> None:
@@ -69,64 +66,15 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
             f"by the {jax.process_count()} processes"
         )
     local_batch_size = config.global_batch_size // jax.process_count()
-    replicated = NamedSharding(mesh, PartitionSpec())
-    batch_sharding = sharding.batch_sharding(mesh, rules)
 
-    # --- Model, optimizer and their shardings, all abstract: no device memory yet -------
-    task = models.model_class(config.model.name).task
-    compute_dtype, param_dtype = precision.dtypes(config.precision, mesh.devices.flat[0].platform)
-
-    def create_model(rng):
-        # Shardings are applied from our rules table by jit's out_shardings, not by Flax.
-        with nnx.use_eager_sharding(False):
-            return models.make_model(
-                config.model,
-                dtype=compute_dtype,
-                param_dtype=param_dtype,
-                rngs=nnx.Rngs(params=rng),
-            )
-
-    abstract_model = nnx.eval_shape(lambda: create_model(jax.random.key(0)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    param_shardings = sharding.named_shardings(
-        nnx.to_pure_dict(nnx.get_partition_spec(abstract_params)), mesh, rules
-    )
-    schedule = optim.make_schedule(config.optim, config.num_train_steps)
-    tx = optim.make_optimizer(config.optim, schedule)
-
-    def init_state(rng) -> steps.TrainState:
-        params_rng, dropout_rng = jax.random.split(rng)
-        params = nnx.to_pure_dict(nnx.state(create_model(params_rng), nnx.Param))
-        return steps.TrainState(
-            step=jnp.zeros((), jnp.int32),
-            params=params,
-            opt_state=tx.init(params),
-            rng=jax.random.key_data(dropout_rng),
-        )
-
-    state_shapes = jax.eval_shape(init_state, jax.random.key(0))
-    opt_shardings = optax.tree_map_params(
-        tx,
-        lambda _, s: s,
-        state_shapes.opt_state,
-        param_shardings,
-        transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
-    )
-    state_shardings = steps.TrainState(
-        step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
-    )
-    abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        state_shapes,
-        state_shardings,
-    )
+    # --- The run, abstract: model, optimizer, shardings; no device memory yet ------------
+    setup = make_setup(config, mesh)
 
     # --- Checks against the workdir and the data, still writing nothing -------------------
-    resume_step = checkpoint.latest_compatible_step(workdir, abstract_state)
-    data.pipeline.get_builder(config.data)  # unknown names fail fast, before any download
-    train_examples = data.pipeline.make_examples(config.data, task, config.data.train_split)
-    eval_examples = data.pipeline.make_examples(config.data, task, config.data.eval_split)
+    resume_step = checkpoint.latest_compatible_step(workdir, setup.abstract_state)
+    # An unknown data set name fails here, before anything is downloaded or built.
+    train_examples = data.pipeline.make_examples(config.data, setup.task, config.data.train_split)
+    eval_examples = data.pipeline.make_examples(config.data, setup.task, config.data.eval_split)
 
     # --- Workdir ------------------------------------------------------------------------
     config_dict = json.loads(config.to_json_best_effort())
@@ -149,38 +97,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         # --- State: restored, or created directly in its sharded layout ------------------
         if resume_step is not None:
-            state, data_state = ckpt.restore(resume_step, abstract_state)
+            state, data_state = ckpt.restore(resume_step, setup.abstract_state)
             train_iter.set_state(data_state)
             metrics.truncate_metrics(workdir, resume_step)
         else:
-            state = jax.jit(init_state, out_shardings=state_shardings)(jax.random.key(config.seed))
+            state = create_state(setup, config.seed)
         start_step = int(state.step)
 
         # --- One compiled train step; memory and FLOPs known before step 1 ---------------
-        abstract_batch = jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(
-                (config.global_batch_size, *x.shape[1:]), x.dtype, sharding=batch_sharding
-            ),
-            next(iter(train_examples.batch(1))),
-        )
-        train_step = (
-            jax.jit(
-                steps.make_train_step(graphdef, tx, schedule),
-                in_shardings=(state_shardings, batch_sharding),
-                out_shardings=(state_shardings, replicated),
-                donate_argnums=(0,),
-            )
-            .lower(abstract_state, abstract_batch)
-            .compile()
-        )
-        eval_step = jax.jit(
-            steps.make_eval_step(graphdef),
-            in_shardings=(param_shardings, batch_sharding, replicated),
-            out_shardings=replicated,
-            donate_argnums=(2,),
-        )
+        train_step = compile_train_step(setup)
+        eval_step = jit_eval_step(setup)
         step_stats = metrics.compiled_stats(train_step)
-        _describe_run(config, mesh, abstract_state, abstract_batch, step_stats, start_step)
+        _describe_run(config, mesh, setup, step_stats, start_step)
 
         def evaluate(params) -> dict[str, float]:
             totals = steps.zero_eval_totals()
@@ -192,13 +120,14 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
                 shard_count=jax.process_count(),
             ):
                 batch = jax.tree.map(
-                    lambda x: jax.make_array_from_process_local_data(batch_sharding, x), local
+                    lambda x: jax.make_array_from_process_local_data(setup.batch_sharding, x),
+                    local,
                 )
                 totals = eval_step(params, batch, totals)
             totals = jax.device_get(totals)
             loss = totals["loss_sum"] / totals["count"]
             result = {"loss": loss, "accuracy": totals["correct_sum"] / totals["count"]}
-            if task == "lm":
+            if setup.task == "lm":
                 result["perplexity"] = math.exp(min(loss, 50.0))
             return result
 
@@ -206,11 +135,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
         writer = metrics.MetricWriter(
             workdir, total_steps=config.num_train_steps, initial_step=start_step
         )
-        batches = data.DevicePrefetcher(train_iter, batch_sharding, size=config.data.prefetch)
+        batches = data.DevicePrefetcher(train_iter, setup.batch_sharding, size=config.data.prefetch)
         timer = metrics.Throughput(start_step)
         peak = metrics.peak_flops(mesh.devices.flat[0])
         examples_per_step = config.global_batch_size
-        tokens_per_step = examples_per_step * (config.data.seq_len if task == "lm" else 0)
+        tokens_per_step = examples_per_step * (config.data.seq_len if setup.task == "lm" else 0)
         pending = None  # (step, metrics on device): fetched one step late, never blocking
         result: dict[str, float] = {}
 
@@ -240,14 +169,16 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
                 last = step == config.num_train_steps
                 if step % config.log_every_steps == 0 or last:
                     pending = (step, step_metrics)
-                if step % config.checkpoint_every_steps == 0 or last:
-                    ckpt.save(step, state, batches.state, config_dict)
+                eval_metrics = None
                 if step % config.eval_every_steps == 0 or last:
                     flush_pending()  # first, so the eval is not counted as step time
                     eval_metrics = evaluate(state.params)
                     writer.write(step, "eval", eval_metrics)
                     result.update(eval_metrics)
                     timer.reset(step)
+                if step % config.checkpoint_every_steps == 0 or last:
+                    # Eval metrics (when this step has them) let retention keep the best.
+                    ckpt.save(step, state, batches.state, config_dict, eval_metrics)
             flush_pending()
         finally:
             batches.close()
@@ -256,10 +187,10 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
     return state, result
 
 
-def _describe_run(config, mesh, abstract_state, abstract_batch, stats, start_step) -> None:
+def _describe_run(config, mesh, setup: Setup, stats, start_step) -> None:
     """Prints what will run: sizes, layout, per-device memory and FLOPs of the step."""
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state.params))
-    shapes = {k: tuple(v.shape) for k, v in abstract_batch.items()}
+    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
+    shapes = {k: tuple(v.shape) for k, v in setup.abstract_batch.items()}
     lines = [
         f"model {config.model.name}: {num_params:,} parameters | "
         f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices",
