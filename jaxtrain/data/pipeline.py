@@ -45,6 +45,8 @@ def get_data_source(data_config, split: str):
     """Prepares the data set on first use (process 0 only) and returns a split's source."""
     builder = get_builder(data_config)
     if jax.process_index() == 0 and not builder.is_prepared():
+        print(f"preparing data set {builder.name!r} in {builder.data_dir} (first use)", flush=True)
+        tfds.disable_progress_bar()
         builder.download_and_prepare(file_format="array_record")
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxtrain:prepared:{data_config.name}")
@@ -116,14 +118,15 @@ def make_train_iterator(
 ):
     """An endless, checkpointable iterator of this process's training batches.
 
-    The process takes every `shard_count`-th example starting at `shard_index`, so the
-    processes' slices are disjoint and together cover the data set. The order is
-    reshuffled every epoch from `seed`.
+    One global order, reshuffled every epoch from `seed`, is shared by all processes;
+    process `shard_index` reads only every `shard_count`-th position of it. So each global
+    batch holds the same examples whatever the number of processes (only their row order
+    differs), the processes' reads are disjoint, and together they cover every epoch.
 
     Returns:
       A grain DatasetIterator with `get_state()` / `set_state()`.
     """
-    ds = examples[shard_index::shard_count].seed(seed).shuffle().repeat()
+    ds = examples.seed(seed).shuffle().repeat()[shard_index::shard_count]
     ds = ds.batch(local_batch_size, drop_remainder=True)
     return iter(ds.to_iter_dataset())
 
