@@ -92,10 +92,21 @@ class Checkpointer:
             checkpoint_dir(workdir), options=options, item_handlers=_item_handlers()
         )
 
-    def save(self, step: int, state, data_state: dict, config_dict: dict) -> None:
-        """Starts saving (asynchronously by default); the device arrays may be reused at once."""
+    def save(
+        self, step: int, state, data_state: dict, config_dict: dict, eval_metrics=None
+    ) -> None:
+        """Starts saving (asynchronously by default); the device arrays may be reused at once.
+
+        Args:
+          step: the step number (the checkpoint's name).
+          state: the TrainState.
+          data_state: the input iterator's position after the last consumed batch.
+          config_dict: the resolved config.
+          eval_metrics: this step's evaluation metrics, if it has any.
+        """
         self.manager.save(
             step,
+            metrics={k: float(v) for k, v in eval_metrics.items()} if eval_metrics else None,
             args=ocp.args.Composite(
                 state=ocp.args.StandardSave(state),
                 data=ocp.args.JsonSave(data_state),
