@@ -14,6 +14,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_train_steps = 600
     c.log_every_steps = 50
     c.eval_every_steps = 200
+    # Gradient accumulation: each global batch runs as this many sequential parts (same
+    # update, 1/microbatches of the activation memory).
+    c.microbatches = 1
     c.eval_steps = -1  # eval batches per evaluation; -1 = the whole eval split
 
     # Mesh axis sizes; -1 takes the devices left over. Order: data, fsdp, sequence, tensor.

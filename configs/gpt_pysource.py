@@ -18,6 +18,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.num_train_steps = 300
     c.log_every_steps = 25
     c.eval_every_steps = 100
+    # Gradient accumulation: each global batch runs as this many sequential parts (same
+    # update, 1/microbatches of the activation memory).
+    c.microbatches = 1
     c.eval_steps = 16  # eval batches per evaluation, spread over the split; -1 = all of it
 
     # Mesh axis sizes; -1 takes the devices left over. Order: data, fsdp, sequence, tensor.
@@ -40,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         ("head_dim", None),
         ("mlp", "tensor"),
         ("norm", None),
+        ("layers", None),  # the stacked-layers axis when model.scan_layers=True
     )
 
     c.data = dict(
@@ -66,6 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         rope_base=10_000.0,
         dropout_rate=0.0,
         attention_impl="auto",  # "xla", "cudnn" (GPU, bf16) or "auto" (jax picks)
+        scan_layers=False,  # stack the blocks' weights and scan: compile time flat in depth
+        remat="none",  # recompute in backward: "none", "full" or "save_dots"
     )
     c.optim = dict(
         lr=3e-3,

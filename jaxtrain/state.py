@@ -23,6 +23,7 @@ class Setup:
     """What a run is made of, before any array exists."""
 
     task: str  # "classification" or "lm"
+    microbatches: int  # gradient accumulation: sequential parts per global batch
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -88,6 +89,7 @@ def make_setup(config, mesh: Mesh) -> Setup:
     batch_sharding = sharding.batch_sharding(mesh, rules)
     return Setup(
         task=task,
+        microbatches=config.microbatches,
         graphdef=graphdef,
         tx=tx,
         schedule=schedule,
@@ -128,7 +130,7 @@ def compile_train_step(setup: Setup):
     replicated = NamedSharding(setup.batch_sharding.mesh, PartitionSpec())
     return (
         jax.jit(
-            steps.make_train_step(setup.graphdef, setup.tx, setup.schedule),
+            steps.make_train_step(setup.graphdef, setup.tx, setup.schedule, setup.microbatches),
             in_shardings=(setup.state_shardings, setup.batch_sharding),
             out_shardings=(setup.state_shardings, replicated),
             donate_argnums=(0,),

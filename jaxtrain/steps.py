@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from jaxtrain.sharding import constrain
+
 
 @struct.dataclass
 class TrainState:
@@ -40,8 +42,21 @@ def _loss_and_metrics(logits, targets, mask=None):
     }
 
 
+def split_microbatches(x: jax.Array, num: int) -> jax.Array:
+    """[batch, ...] -> [num, batch // num, ...], microbatch m holding rows m, m+num, ...
+
+    Strided rows keep every microbatch spread over all the devices the batch is sharded
+    on (contiguous blocks would each land on a few devices only).
+    """
+    micro = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+    return constrain(micro, (None, "activation_batch") + (None,) * (x.ndim - 1))
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef, tx: optax.GradientTransformation, schedule: optax.Schedule
+    graphdef: nnx.GraphDef,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    microbatches: int = 1,
 ):
     """Returns `train_step(state, batch) -> (state, metrics)`.
 
@@ -49,21 +64,44 @@ def make_train_step(
       graphdef: the model's static structure (from `nnx.split`).
       tx: the optimizer.
       schedule: the learning-rate schedule, for the `lr` metric.
+      microbatches: split the batch into this many equal parts whose gradients are
+        accumulated (float32) in a scan before one update: the same update as the whole
+        batch at once, with the activation memory of one part.
     """
+
+    def grads_and_sums(params, batch, rng):
+        def loss_fn(params):
+            model = nnx.merge(graphdef, params)
+            logits = model(batch["inputs"], train=True, rngs=nnx.Rngs(dropout=rng))
+            return _loss_and_metrics(logits, batch["targets"])
+
+        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
+        return grads, sums
 
     def train_step(state: TrainState, batch):
         dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if microbatches == 1:
+            grads, sums = grads_and_sums(state.params, batch, dropout_rng)
+        else:
 
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            logits = model(batch["inputs"], train=True, rngs=nnx.Rngs(dropout=dropout_rng))
-            return _loss_and_metrics(logits, batch["targets"])
+            def accumulate(totals, xs):
+                micro, index = xs
+                rng = jax.random.fold_in(dropout_rng, index)
+                return jax.tree.map(jnp.add, totals, grads_and_sums(state.params, micro, rng)), None
 
-        (loss, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            zeros = (
+                jax.tree.map(jnp.zeros_like, state.params),
+                {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "count")},
+            )
+            micro = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
+            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(microbatches)))
+            # Each part's gradient is of its own mean loss; equal parts make their mean the
+            # gradient of the whole batch's mean loss.
+            grads = jax.tree.map(lambda g: g / microbatches, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
-            "loss": loss,
+            "loss": sums["loss_sum"] / sums["count"],
             "accuracy": sums["correct_sum"] / sums["count"],
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state.step),

@@ -25,6 +25,7 @@ def _check_config(config) -> None:
         "log_every_steps",
         "eval_every_steps",
         "checkpoint_every_steps",
+        "microbatches",
     ):
         if config[key] <= 0:
             raise ConfigError(f"config.{key} must be positive, got {config[key]}")
@@ -59,6 +60,12 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
         raise ConfigError(
             f"config.global_batch_size={config.global_batch_size} is not divisible by the "
             f"{split} ways the mesh splits a batch (over {batch_axes})"
+        )
+    if config.global_batch_size % (split * config.microbatches):
+        raise ConfigError(
+            f"config.global_batch_size={config.global_batch_size} does not split into "
+            f"config.microbatches={config.microbatches} parts of a multiple of {split} "
+            "(the data-parallel size)"
         )
     if config.global_batch_size % jax.process_count():
         raise ConfigError(

@@ -61,3 +61,27 @@ def read_metrics(workdir, split="train"):
             if record["split"] == split:
                 records[record["step"]] = record
     return records
+
+
+def train_gpt_smoke(data_dir, workdir, mesh, devices=None, steps=5, **overrides):
+    """Trains the GPT smoke config for `steps`, logging every step.
+
+    Returns:
+      (final state, final eval metrics, [train loss per step]).
+    """
+    from jaxtrain.train import train_and_evaluate
+
+    config = load_config(
+        "gpt_pysource",
+        "smoke",
+        data_dir=data_dir,
+        num_train_steps=steps,
+        log_every_steps=1,
+        eval_every_steps=steps,
+        checkpoint_every_steps=steps,
+        mesh=mesh,
+        **overrides,
+    )
+    state, result = train_and_evaluate(config, str(workdir), devices=devices)
+    losses = [r["loss"] for _, r in sorted(read_metrics(workdir).items())]
+    return state, result, losses

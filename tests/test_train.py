@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import load_config, read_metrics
+from conftest import load_config, read_metrics, train_gpt_smoke
 from jax.sharding import PartitionSpec as P
 
 from jaxtrain.train import train_and_evaluate
@@ -48,27 +48,11 @@ def test_gpt_learns_pysource(data_dir, tmp_path):
     assert result["perplexity"] == pytest.approx(np.exp(result["loss"]), rel=1e-6)
 
 
-def _run_gpt(data_dir, workdir, mesh, devices=None, steps=5):
-    config = load_config(
-        "gpt_pysource",
-        "smoke",
-        data_dir=data_dir,
-        num_train_steps=steps,
-        log_every_steps=1,
-        eval_every_steps=steps,
-        checkpoint_every_steps=steps,
-        mesh=mesh,
-    )
-    state, result = train_and_evaluate(config, str(workdir), devices=devices)
-    losses = [r["loss"] for _, r in sorted(read_metrics(workdir).items())]
-    return state, result, losses
-
-
 def test_sharded_run_matches_one_device(data_dir, tmp_path):
-    _, single_eval, single = _run_gpt(
+    _, single_eval, single = train_gpt_smoke(
         data_dir, tmp_path / "one", {"data": 1}, devices=jax.devices()[:1]
     )
-    state, sharded_eval, sharded = _run_gpt(
+    state, sharded_eval, sharded = train_gpt_smoke(
         data_dir, tmp_path / "eight", {"data": 2, "fsdp": 2, "tensor": 2}
     )
     assert len(single) == len(sharded) == 5
@@ -93,7 +77,7 @@ def test_sharded_run_matches_one_device(data_dir, tmp_path):
 
 
 def test_checkpoint_is_plain_orbax(data_dir, tmp_path):
-    state, _, _ = _run_gpt(data_dir, tmp_path, {"data": -1}, steps=3)
+    state, _, _ = train_gpt_smoke(data_dir, tmp_path, {"data": -1}, steps=3)
     # Read back with Orbax alone: no jaxtrain types, no target tree.
     with ocp.CheckpointManager(
         os.path.join(tmp_path, "checkpoints"), options=ocp.CheckpointManagerOptions(read_only=True)
@@ -117,10 +101,10 @@ def test_checkpoint_is_plain_orbax(data_dir, tmp_path):
 
 
 def test_rerun_resumes_with_next_step_and_batch(data_dir, tmp_path):
-    _, _, reference = _run_gpt(data_dir, tmp_path / "straight", {"data": -1}, steps=6)
+    _, _, reference = train_gpt_smoke(data_dir, tmp_path / "straight", {"data": -1}, steps=6)
     workdir = tmp_path / "resumed"
-    _run_gpt(data_dir, workdir, {"data": -1}, steps=3)
-    state, _, resumed = _run_gpt(data_dir, workdir, {"data": -1}, steps=6)
+    train_gpt_smoke(data_dir, workdir, {"data": -1}, steps=3)
+    state, _, resumed = train_gpt_smoke(data_dir, workdir, {"data": -1}, steps=6)
     assert int(state.step) == 6
     # Steps 4-6 ran after the restore; equal losses mean the same params *and* batches.
     np.testing.assert_array_equal(resumed, reference)

@@ -13,6 +13,15 @@ from jaxtrain.sharding import constrain
 
 BLE = ("activation_batch", "activation_length", "activation_embed")
 
+# What the backward pass may keep from the forward pass of a block, by config name:
+# "none" keeps everything (fastest, most memory), "full" keeps only the block's input and
+# recomputes the rest, "save_dots" keeps matmul outputs and recomputes the cheap
+# elementwise work between them.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
 
 def _init(std: float):
     return nnx.initializers.normal(stddev=std)
@@ -186,10 +195,14 @@ class GPT(nnx.Module):
         rope_base=10_000.0,
         dropout_rate=0.0,
         attention_impl="auto",
+        scan_layers=False,
+        remat="none",
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
+        if remat != "none" and remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={remat!r}; choose one of {['none', *REMAT_POLICIES]}")
         cfg = dict(
             embed_dim=embed_dim,
             num_heads=num_heads,
@@ -202,6 +215,10 @@ class GPT(nnx.Module):
             num_layers=num_layers,
         )
         self.dtype = dtype
+        self.num_layers = num_layers
+        self.scan_layers = scan_layers
+        self.remat = remat
+        self.use_dropout = dropout_rate > 0
         self.embed = nnx.Embed(
             vocab_size,
             embed_dim,
@@ -211,9 +228,22 @@ class GPT(nnx.Module):
             rngs=rngs,
             embedding_metadata={"out_sharding": ("vocab", "embed")},
         )
-        self.blocks = nnx.List(
-            [Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs) for _ in range(num_layers)]
-        )
+        if scan_layers:
+            # One Block whose parameters carry a leading "layers" axis: the forward pass is
+            # a scan over it, so compile time and program size do not grow with depth.
+            @nnx.split_rngs(splits=num_layers)
+            @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+            def stacked(rngs):
+                return Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+            self.blocks = stacked(rngs)
+        else:
+            self.blocks = nnx.List(
+                [
+                    Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                    for _ in range(num_layers)
+                ]
+            )
         self.final_norm = _norm(embed_dim, dtype, param_dtype, rngs)
         self.lm_head = nnx.Linear(
             embed_dim,
@@ -230,8 +260,21 @@ class GPT(nnx.Module):
     def __call__(self, tokens, *, train: bool = False, rngs: nnx.Rngs | None = None):
         positions = jnp.arange(tokens.shape[1])
         x = constrain(self.embed(tokens), BLE)
-        for block in self.blocks:
-            x = block(x, positions, train=train, rngs=rngs)
+        # One dropout key per layer, drawn the same way whether layers are scanned or not.
+        dropout = train and self.use_dropout and rngs is not None
+        keys = jax.random.split(rngs.dropout() if dropout else jax.random.key(0), self.num_layers)
+
+        def apply_block(x, block, key):
+            return block(x, positions, train=train, rngs=nnx.Rngs(dropout=key) if dropout else None)
+
+        if self.remat != "none":
+            apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat])
+        if self.scan_layers:
+            scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
+            x = scan(x, self.blocks, keys)
+        else:
+            for block, key in zip(self.blocks, keys, strict=True):
+                x = apply_block(x, block, key)
         logits = self.lm_head(self.final_norm(x))
         # Loss and softmax in float32 whatever the compute dtype.
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
