@@ -62,6 +62,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         weight_decay=1e-4,
         grad_clip_norm=1.0,
     )
+    # A step whose loss or gradients are not finite never updates the state. Then:
+    # "abort" stops with a report (step, loss, first bad gradient) and the batch saved in
+    # the workdir; "skip" goes on (aborting after max_consecutive_skips in a row);
+    # "rollback" restores the last checkpoint and goes on past the offending batches.
+    c.nonfinite = dict(
+        policy="abort",
+        max_consecutive_skips=10,
+        inject_at_steps=(),  # testing aid: these steps' gradients are made NaN
+    )
     # "auto": bfloat16 compute on GPU/TPU, float32 on CPU; parameters stay float32.
     c.precision = dict(compute_dtype="auto", param_dtype="float32")
     c.checkpoint_every_steps = 200

@@ -24,6 +24,7 @@ class Setup:
 
     task: str  # "classification" or "lm"
     microbatches: int  # gradient accumulation: sequential parts per global batch
+    inject_nonfinite_at: tuple  # steps whose gradients are made NaN (testing the policy)
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -70,6 +71,7 @@ def make_setup(config, mesh: Mesh) -> Setup:
             params=params,
             opt_state=tx.init(params),
             rng=jax.random.key_data(dropout_rng),
+            skipped=jnp.zeros((), jnp.int32),
         )
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -84,12 +86,17 @@ def make_setup(config, mesh: Mesh) -> Setup:
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
     state_shardings = steps.TrainState(
-        step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated
+        step=replicated,
+        params=param_shardings,
+        opt_state=opt_shardings,
+        rng=replicated,
+        skipped=replicated,
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
     return Setup(
         task=task,
         microbatches=config.microbatches,
+        inject_nonfinite_at=tuple(config.nonfinite.inject_at_steps),
         graphdef=graphdef,
         tx=tx,
         schedule=schedule,
@@ -130,7 +137,13 @@ def compile_train_step(setup: Setup):
     replicated = NamedSharding(setup.batch_sharding.mesh, PartitionSpec())
     return (
         jax.jit(
-            steps.make_train_step(setup.graphdef, setup.tx, setup.schedule, setup.microbatches),
+            steps.make_train_step(
+                setup.graphdef,
+                setup.tx,
+                setup.schedule,
+                setup.microbatches,
+                setup.inject_nonfinite_at,
+            ),
             in_shardings=(setup.state_shardings, setup.batch_sharding),
             out_shardings=(setup.state_shardings, replicated),
             donate_argnums=(0,),

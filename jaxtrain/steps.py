@@ -20,6 +20,7 @@ class TrainState:
     params: Any  # nested dict of arrays (nnx.to_pure_dict of the model's Params)
     opt_state: Any  # optax state, mirroring params
     rng: jax.Array  # uint32 raw key data; dropout keys are folded in from the step
+    skipped: jax.Array  # int32 scalar: steps whose update was dropped as non-finite
 
 
 def _loss_and_metrics(logits, targets, mask=None):
@@ -57,6 +58,7 @@ def make_train_step(
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     microbatches: int = 1,
+    inject_nonfinite_at: tuple[int, ...] = (),
 ):
     """Returns `train_step(state, batch) -> (state, metrics)`.
 
@@ -67,6 +69,13 @@ def make_train_step(
       microbatches: split the batch into this many equal parts whose gradients are
         accumulated (float32) in a scan before one update: the same update as the whole
         batch at once, with the activation memory of one part.
+      inject_nonfinite_at: steps (1-based) whose first gradient leaf is made NaN, to
+        exercise the non-finite policy; empty in normal runs (then it costs nothing).
+
+    A step whose loss or any gradient is not finite leaves params and optimizer state as
+    they were (whatever the policy, so garbage never reaches the state) and counts itself
+    in `state.skipped`; its metrics carry `finite` and `first_nonfinite_leaf` (index into
+    `jax.tree.leaves(params)`, -1 when all are finite) for the host to act on.
     """
 
     def grads_and_sums(params, batch, rng):
@@ -98,15 +107,38 @@ def make_train_step(
             # Each part's gradient is of its own mean loss; equal parts make their mean the
             # gradient of the whole batch's mean loss.
             grads = jax.tree.map(lambda g: g / microbatches, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+        if inject_nonfinite_at:
+            leaves, treedef = jax.tree.flatten(grads)
+            hit = jnp.isin(state.step + 1, jnp.asarray(inject_nonfinite_at))
+            leaves[0] = jnp.where(hit, jnp.nan, leaves[0])
+            grads = jax.tree.unflatten(treedef, leaves)
+        loss = sums["loss_sum"] / sums["count"]
+        leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
+
+        def update(_):
+            updates, opt_state = tx.update(grads, state.opt_state, state.params)
+            return optax.apply_updates(state.params, updates), opt_state
+
+        # A conditional, not a select: the skipped branch does no work at all.
+        params, opt_state = jax.lax.cond(
+            finite, update, lambda _: (state.params, state.opt_state), None
+        )
+        new_state = state.replace(
+            step=state.step + 1,
+            params=params,
+            opt_state=opt_state,
+            skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+        )
         metrics = {
-            "loss": sums["loss_sum"] / sums["count"],
+            "loss": loss,
             "accuracy": sums["correct_sum"] / sums["count"],
             "grad_norm": optax.global_norm(grads),
             "lr": schedule(state.step),
+            "skipped_steps": new_state.skipped,
+            "finite": finite,
+            "first_nonfinite_leaf": jnp.where(finite, -1, jnp.argmin(leaf_finite)),
         }
-        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
     return train_step

@@ -13,8 +13,9 @@ import os
 
 import jax
 
-from jaxtrain import checkpoint, data, metrics, sharding, steps
+from jaxtrain import checkpoint, data, metrics, nonfinite, sharding, steps
 from jaxtrain.errors import ConfigError
+from jaxtrain.preemption import Preempted, PreemptionWatcher
 from jaxtrain.state import Setup, compile_train_step, create_state, jit_eval_step, make_setup
 
 
@@ -29,6 +30,7 @@ def _check_config(config) -> None:
     ):
         if config[key] <= 0:
             raise ConfigError(f"config.{key} must be positive, got {config[key]}")
+    nonfinite.check_config(config.nonfinite)
 
 
 def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.TrainState, dict]:
@@ -48,6 +50,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
 
     Raises:
       ConfigError: bad input; nothing has been written to `workdir`.
+      Preempted: SIGTERM arrived; a checkpoint of the step it stopped at has committed.
+      NonFiniteError: a non-finite loss or gradient under config.nonfinite's policy.
     """
     _check_config(config)
 
@@ -147,6 +151,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
         peak = metrics.peak_flops(mesh.devices.flat[0])
         examples_per_step = config.global_batch_size
         tokens_per_step = examples_per_step * (config.data.seq_len if setup.task == "lm" else 0)
+        preemption = PreemptionWatcher()
+        nonfinite_policy = nonfinite.NonFinitePolicy(
+            config.nonfinite,
+            workdir,
+            [
+                sharding.path_str(p)
+                for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]
+            ],
+            ckpt,
+            setup.abstract_state,
+        )
+        previous = None  # (step, metrics, local batch): its finiteness is read one step late
         pending = None  # (step, metrics on device): fetched one step late, never blocking
         result: dict[str, float] = {}
 
@@ -156,7 +172,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
                 return
             logged_step, logged = pending
             pending = None
-            scalars = {k: float(v) for k, v in jax.device_get(logged).items()}
+            scalars = {
+                k: float(v)
+                for k, v in jax.device_get(logged).items()
+                if k not in ("finite", "first_nonfinite_leaf")
+            }
             seconds = timer.measure(logged_step)
             if seconds:
                 scalars["step_time_s"] = seconds
@@ -173,6 +193,9 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
                 state, step_metrics = train_step(state, next(batches))
                 writer.advance()
                 flush_pending()  # the device is busy with `step` now; read `step - 1`
+                if previous is not None:  # may raise, or roll the state back
+                    state = nonfinite_policy.check(*previous, state)
+                previous = (step, step_metrics, batches.local)
                 last = step == config.num_train_steps
                 if step % config.log_every_steps == 0 or last:
                     pending = (step, step_metrics)
@@ -183,11 +206,18 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
                     writer.write(step, "eval", eval_metrics)
                     result.update(eval_metrics)
                     timer.reset(step)
-                if step % config.checkpoint_every_steps == 0 or last:
+                preempted = preemption.reached(step)
+                if step % config.checkpoint_every_steps == 0 or last or preempted:
                     # Eval metrics (when this step has them) let retention keep the best.
                     ckpt.save(step, state, batches.state, config_dict, eval_metrics)
+                if preempted:
+                    flush_pending()
+                    raise Preempted(step)  # `finally` waits for the save to commit
             flush_pending()
+            if previous is not None:
+                state = nonfinite_policy.check(*previous, state)
         finally:
+            preemption.close()
             batches.close()
             writer.close()
             ckpt.close()

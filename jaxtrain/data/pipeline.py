@@ -170,7 +170,8 @@ class DevicePrefetcher:
 
     Wraps an iterator of per-process numpy batches. `state` is the wrapped iterator's
     state right after the last batch *handed out* (not the last one read ahead), so a
-    checkpoint that stores it resumes with exactly the next batch.
+    checkpoint that stores it resumes with exactly the next batch; `local` is that
+    batch's numpy arrays (this process's rows).
     """
 
     def __init__(self, iterator, sharding, size: int = 2):
@@ -179,6 +180,7 @@ class DevicePrefetcher:
         self._queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
         self.state = iterator.get_state()
+        self.local = None
         self._thread = threading.Thread(target=self._fill, name="jaxtrain-prefetch", daemon=True)
         self._thread.start()
 
@@ -189,7 +191,7 @@ class DevicePrefetcher:
                 arrays = jax.tree.map(
                     lambda x: jax.make_array_from_process_local_data(self._sharding, x), batch
                 )
-                if not self._put((arrays, state)):
+                if not self._put((arrays, batch, state)):
                     return
             self._put(_END)
         except BaseException as e:  # surfaced to the training loop by __next__
@@ -213,7 +215,7 @@ class DevicePrefetcher:
             raise StopIteration
         if isinstance(item, BaseException):
             raise RuntimeError(f"input pipeline failed: {item}") from item
-        batch, self.state = item
+        batch, self.local, self.state = item
         return batch
 
     def close(self):
