@@ -1,6 +1,7 @@
 """The `jaxtrain` command: flags and subcommands. It holds no training logic.
 
     jaxtrain train --config=configs/gpt_pysource.py[:arg] --workdir=DIR [--config.key=value ...]
+    jaxtrain plan --config=configs/gpt_pysource.py[:arg] --topology=v5p-64 [--json] [...]
 
 Bad input (a missing config file, an unknown or mistyped override, a mesh that does not
 fit the devices, ...) prints one line, `jaxtrain: error: ...`, exits with status 2, and
@@ -14,9 +15,13 @@ import sys
 from jaxtrain.config import load_config
 
 USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+       jaxtrain plan --config=FILE.py[:ARG] --topology=NAME [--json] [--config.KEY=VALUE ...]
 
 commands:
   train   train and evaluate; rerunning with the same --workdir resumes from its checkpoint
+  plan    compile the train step for a topology that need not be attached (v5p-64, v5e-16,
+          h100x8x4, cpu-8, ...): per-device memory and whether it fits, FLOPs per step,
+          collectives; --json for machine-readable output
 """
 
 EXIT_BAD_INPUT = 2
@@ -66,16 +71,18 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr if len(argv) < 2 else sys.stdout)
         return EXIT_BAD_INPUT if len(argv) < 2 else 0
     command, args = argv[1], argv[2:]
-    if command != "train":
-        return _error(f"unknown command {command!r}; the command is 'train'")
+    if command not in ("train", "plan"):
+        return _error(f"unknown command {command!r}; commands are 'train' and 'plan'")
 
     spec = _flag_value(args, "config")
     if not spec:
         return _error("--config=FILE.py[:ARG] is required")
     if not os.path.isfile(spec.partition(":")[0]):
         return _error(f"config file not found: {spec.partition(':')[0]!r}")
-    if not _flag_value(args, "workdir"):
+    if command == "train" and not _flag_value(args, "workdir"):
         return _error("--workdir=DIR is required")
+    if command == "plan" and not _flag_value(args, "topology"):
+        return _error("--topology=NAME is required (v5p-64, v5e-16, h100x8, h100x8x4, cpu-8, ...)")
 
     from absl import flags
     from ml_collections import config_flags
@@ -91,19 +98,36 @@ def main(argv: list[str]) -> int:
         lock_config=True,
         sys_argv=command_line,
     )
-    flags.DEFINE_string(
-        "workdir", None, "Run directory: config, metrics, checkpoints.", flag_values=flag_values
-    )
+    if command == "train":
+        flags.DEFINE_string(
+            "workdir", None, "Run directory: config, metrics, checkpoints.", flag_values=flag_values
+        )
+    else:
+        flags.DEFINE_string(
+            "topology",
+            None,
+            "Target, e.g. v5p-64, h100x8x4 (see jaxtrain/plan.py).",
+            flag_values=flag_values,
+        )
+        flags.DEFINE_boolean("json", False, "Print the plan as JSON.", flag_values=flag_values)
     try:
         flag_values(command_line)
     except Exception as e:  # absl flag errors, unknown config keys, bad values
         return _error(_diagnose(args, e))
 
     from jaxtrain.errors import ConfigError
-    from jaxtrain.train import train_and_evaluate
 
     try:
-        train_and_evaluate(flag_values.config, flag_values.workdir)
+        if command == "train":
+            from jaxtrain.train import train_and_evaluate
+
+            train_and_evaluate(flag_values.config, flag_values.workdir)
+        else:
+            # Nothing before this may start jax's backend: plan first sets the CPU device count.
+            from jaxtrain import plan
+
+            report = plan.make_plan(flag_values.config, flag_values.topology)
+            print(plan.to_json(report) if flag_values.json else plan.format_plan(report))
     except ConfigError as e:
         return _error(e)
     return 0
