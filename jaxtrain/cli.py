@@ -3,9 +3,10 @@
     jaxtrain train --config=configs/gpt_pysource.py[:arg] --workdir=DIR [--config.key=value ...]
     jaxtrain plan --config=configs/gpt_pysource.py[:arg] --topology=v5p-64 [--json] [...]
 
-Bad input (a missing config file, an unknown or mistyped override, a mesh that does not
-fit the devices, ...) prints one line, `jaxtrain: error: ...`, exits with status 2, and
-leaves the workdir untouched.
+Exit status: 0 done; 2 bad input (a missing config file, an unknown or mistyped override,
+a mesh that does not fit the devices, ...: one line `jaxtrain: error: ...`, and the workdir
+untouched); 3 a non-finite loss or gradient stopped the run (config.nonfinite); 75
+preempted (SIGTERM): a checkpoint of the last step has committed, rerun the same command.
 """
 
 import difflib
@@ -116,12 +117,21 @@ def main(argv: list[str]) -> int:
         return _error(_diagnose(args, e))
 
     from jaxtrain.errors import ConfigError
+    from jaxtrain.nonfinite import EXIT_NONFINITE, NonFiniteError
+    from jaxtrain.preemption import EXIT_PREEMPTED, Preempted
 
     try:
         if command == "train":
             from jaxtrain.train import train_and_evaluate
 
-            train_and_evaluate(flag_values.config, flag_values.workdir)
+            try:
+                train_and_evaluate(flag_values.config, flag_values.workdir)
+            except Preempted as e:
+                print(f"jaxtrain: {e}", file=sys.stderr)
+                return EXIT_PREEMPTED
+            except NonFiniteError as e:
+                print(f"jaxtrain: error: {e}", file=sys.stderr)
+                return EXIT_NONFINITE
         else:
             # Nothing before this may start jax's backend: plan first sets the CPU device count.
             from jaxtrain import plan

@@ -239,3 +239,24 @@ def check_divisible(abstract_tree, what: str = "parameter") -> None:
                     f"over {over} (size {ways}) along dimension {dim} "
                     f"({leaf.shape[dim]} is not divisible by {ways})"
                 )
+
+
+def check_batch_split(global_batch_size: int, microbatches: int, mesh: Mesh, rules) -> None:
+    """Checks that a global batch splits over the data-parallel devices and its microbatches.
+
+    Raises:
+      ConfigError: naming the batch, the split and the batch's mesh axes.
+    """
+    split = data_parallel_size(mesh, rules)
+    if global_batch_size % split:
+        raise ConfigError(
+            f"config.global_batch_size={global_batch_size} is not divisible by the "
+            f"{split} ways the mesh splits a batch "
+            f"(over {logical_to_mesh_spec(('activation_batch',), rules)[0]})"
+        )
+    if global_batch_size % (split * microbatches):
+        raise ConfigError(
+            f"config.global_batch_size={global_batch_size} does not split into "
+            f"config.microbatches={microbatches} parts of a multiple of {split} "
+            "(the data-parallel size)"
+        )

@@ -25,6 +25,7 @@ class Setup:
     task: str  # "classification" or "lm"
     microbatches: int  # gradient accumulation: sequential parts per global batch
     inject_nonfinite_at: tuple  # steps whose gradients are made NaN (testing the policy)
+    model_flops_per_step: float | None  # MFU's numerator, all devices; None: no formula
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
     schedule: optax.Schedule
@@ -93,20 +94,25 @@ def make_setup(config, mesh: Mesh) -> Setup:
         skipped=replicated,
     )
     batch_sharding = sharding.batch_sharding(mesh, rules)
+    abstract_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_shardings
+    )
+    # A weight its mesh axes do not divide: one line naming it, not jit's IndivisibleError.
+    sharding.check_divisible(abstract_state.params)
+    per_example = models.train_flops_per_example(config, shapes.params)
     return Setup(
         task=task,
         microbatches=config.microbatches,
         inject_nonfinite_at=tuple(config.nonfinite.inject_at_steps),
+        model_flops_per_step=(
+            None if per_example is None else per_example * config.global_batch_size
+        ),
         graphdef=graphdef,
         tx=tx,
         schedule=schedule,
         init=init,
         state_shardings=state_shardings,
-        abstract_state=jax.tree.map(
-            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-            shapes,
-            state_shardings,
-        ),
+        abstract_state=abstract_state,
         batch_sharding=batch_sharding,
         abstract_batch={
             k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
@@ -162,3 +168,16 @@ def jit_eval_step(setup: Setup):
         out_shardings=replicated,
         donate_argnums=(2,),
     )
+
+
+def flops_per_device_step(setup: Setup, num_devices: int, compiled_stats: dict):
+    """(FLOPs per device per step, where the number comes from) for MFU and step-time bounds.
+
+    Model FLOPs when the model has a formula; otherwise XLA's count of the compiled step,
+    which includes remat recompute and counts a loop body (scan over layers) only once.
+    """
+    if setup.model_flops_per_step is not None:
+        return setup.model_flops_per_step / num_devices, "model"
+    if "flops" in compiled_stats:
+        return compiled_stats["flops"], "XLA"
+    return None, None

@@ -16,7 +16,14 @@ import jax
 from jaxtrain import checkpoint, data, metrics, nonfinite, sharding, steps
 from jaxtrain.errors import ConfigError
 from jaxtrain.preemption import Preempted, PreemptionWatcher
-from jaxtrain.state import Setup, compile_train_step, create_state, jit_eval_step, make_setup
+from jaxtrain.state import (
+    Setup,
+    compile_train_step,
+    create_state,
+    flops_per_device_step,
+    jit_eval_step,
+    make_setup,
+)
 
 
 def _check_config(config) -> None:
@@ -58,19 +65,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
     # --- Mesh and batch split ------------------------------------------------------------
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(rule) for rule in config.rules)
-    split = sharding.data_parallel_size(mesh, rules)
-    if config.global_batch_size % split:
-        batch_axes = sharding.logical_to_mesh_spec(("activation_batch",), rules)[0]
-        raise ConfigError(
-            f"config.global_batch_size={config.global_batch_size} is not divisible by the "
-            f"{split} ways the mesh splits a batch (over {batch_axes})"
-        )
-    if config.global_batch_size % (split * config.microbatches):
-        raise ConfigError(
-            f"config.global_batch_size={config.global_batch_size} does not split into "
-            f"config.microbatches={config.microbatches} parts of a multiple of {split} "
-            "(the data-parallel size)"
-        )
+    sharding.check_batch_split(config.global_batch_size, config.microbatches, mesh, rules)
     if config.global_batch_size % jax.process_count():
         raise ConfigError(
             f"config.global_batch_size={config.global_batch_size} is not divisible "
@@ -149,6 +144,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
         batches = data.DevicePrefetcher(train_iter, setup.batch_sharding, size=config.data.prefetch)
         timer = metrics.Throughput(start_step)
         peak = metrics.peak_flops(mesh.devices.flat[0])
+        flops_per_device, _ = flops_per_device_step(setup, mesh.devices.size, step_stats)
         examples_per_step = config.global_batch_size
         tokens_per_step = examples_per_step * (config.data.seq_len if setup.task == "lm" else 0)
         preemption = PreemptionWatcher()
@@ -183,8 +179,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
                 scalars["examples_per_s"] = examples_per_step / seconds
                 if tokens_per_step:
                     scalars["tokens_per_s"] = tokens_per_step / seconds
-                if peak and "flops" in step_stats:
-                    scalars["mfu"] = step_stats["flops"] / seconds / peak
+                if peak and flops_per_device:
+                    scalars["mfu"] = flops_per_device / seconds / peak
             writer.write(logged_step, "train", scalars)
             result["train_loss"] = scalars["loss"]
 
@@ -234,8 +230,10 @@ def _describe_run(config, mesh, setup: Setup, stats, start_step) -> None:
         f"global batch {config.global_batch_size} {shapes} | steps {start_step} -> "
         f"{config.num_train_steps}" + (f" (resumed at {start_step})" if start_step else ""),
     ]
-    if "flops" in stats:
-        lines.append(f"train step: {metrics.human(stats['flops'])}FLOP per device")
+    flops, source = flops_per_device_step(setup, mesh.devices.size, stats)
+    if flops:
+        xla = f" (XLA counts {metrics.human(stats['flops'])})" if source == "model" else ""
+        lines.append(f"train step: {metrics.human(flops)}FLOP per device, {source} FLOPs{xla}")
     if "temp_size_in_bytes" in stats:
         lines.append(
             "train step memory per device: "

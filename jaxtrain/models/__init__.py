@@ -32,3 +32,14 @@ def make_model(model_config, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Modul
         return cls(**fields, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model ({model_config.name}): {e}") from e
+
+
+def train_flops_per_example(config, params) -> float | None:
+    """Model FLOPs to train on one example, or None for a model with no formula.
+
+    Args:
+      config: the run's config (model and data fields).
+      params: the model's parameters (arrays or ShapeDtypeStructs).
+    """
+    formula = getattr(model_class(config.model.name), "train_flops_per_example", None)
+    return formula(config, params) if formula else None

@@ -5,6 +5,8 @@ config's rules table decides how each is laid out over the mesh. Activations are
 constrained at block boundaries so XLA does not invent surprising layouts.
 """
 
+import math
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -256,6 +258,20 @@ class GPT(nnx.Module):
             rngs=rngs,
             kernel_metadata={"out_sharding": ("embed", "vocab")},
         )
+
+    @staticmethod
+    def train_flops_per_example(config, params) -> float:
+        """Model FLOPs to train on one sequence: forward and backward, remat excluded.
+
+        PaLM (appendix B): 6 per weight per token for the matmuls (the input embedding is
+        a lookup, not a matmul), plus 12 * layers * heads * head_dim * length per token for
+        attention scores and values. This is the numerator of MFU.
+        """
+        model, length = config.model, config.data.seq_len
+        weights = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+        weights -= math.prod(params["embed"]["embedding"].shape)
+        attention = 12 * model.num_layers * model.num_heads * model.head_dim * length
+        return float((6 * weights + attention) * length)
 
     def __call__(self, tokens, *, train: bool = False, rngs: nnx.Rngs | None = None):
         positions = jnp.arange(tokens.shape[1])
