@@ -236,9 +236,8 @@ def make_plan(config, topology: str | Topology, *, chips: dict[str, Chip] | None
     config = config_for_platform(config, chip.platform)
     mesh = sharding.make_mesh(config.mesh, devices)
     rules = tuple(tuple(rule) for rule in config.rules)
-    setup = state.make_setup(config, mesh)
-    sharding.check_divisible(setup.abstract_state)
-    sharding.check_divisible(setup.abstract_batch, what="batch array")
+    sharding.check_batch_split(config.global_batch_size, config.microbatches, mesh, rules)
+    setup = state.make_setup(config, mesh)  # also checks the weights divide over their axes
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         compiled = state.compile_train_step(setup)
     stats = metrics.compiled_stats(compiled)
@@ -268,7 +267,7 @@ def make_plan(config, topology: str | Topology, *, chips: dict[str, Chip] | None
     memory["capacity"] = chip.memory_bytes
     memory["fits"] = None if chip.memory_bytes is None else memory["total"] <= chip.memory_bytes
 
-    flops = stats.get("flops")
+    flops, flops_source = state.flops_per_device_step(setup, topology.num_devices, stats)
     peak = metrics.PEAK_BF16_FLOPS.get(chip.device_kind) if chip.device_kind else None
     if source == "cpu-simulated" and chip.platform != "cpu":
         notes.append(
@@ -281,7 +280,7 @@ def make_plan(config, topology: str | Topology, *, chips: dict[str, Chip] | None
             "XLA_PYTHON_CLIENT_MEM_FRACTION to use more"
         )
     hlo_text = compiled.as_text()
-    if re.search(r"\swhile\(", hlo_text):
+    if flops_source == "XLA" and re.search(r"\swhile\(", hlo_text):
         notes.append(
             "the step has loops (a scan over layers, ...): XLA's FLOP count includes each "
             "loop body once, so it is low"
@@ -300,6 +299,7 @@ def make_plan(config, topology: str | Topology, *, chips: dict[str, Chip] | None
         "global_batch_size": config.global_batch_size,
         "memory": memory,
         "flops_per_device": flops,
+        "flops_source": flops_source,  # "model" (MFU's numerator) or "XLA"
         "peak_flops": peak,
         "step_time_s": (
             {"mfu_100": flops / peak, "mfu_40": flops / (0.4 * peak)} if flops and peak else None
@@ -436,7 +436,10 @@ def format_plan(plan: dict) -> str:
             f"  total {total}: does not fit (needs {total}, has {_gib(memory['capacity'])})"
         )
     if plan["flops_per_device"] is not None:
-        line = f"train step: {metrics.human(plan['flops_per_device'])}FLOP per device"
+        line = (
+            f"train step: {metrics.human(plan['flops_per_device'])}FLOP per device "
+            f"({plan['flops_source']} FLOPs)"
+        )
         if plan["step_time_s"]:
             times = plan["step_time_s"]
             line += (

@@ -214,3 +214,22 @@ def test_partition_specs_match_the_golden_snapshot():
         if golden.get(k) != specs.get(k)
     }
     assert not changed, f"PartitionSpecs changed (golden, now): {changed}"
+
+
+def test_model_flops_agree_with_xla_and_survive_scan():
+    def flops(**overrides):
+        config = load_config("gpt_pysource", global_batch_size=8, **overrides)
+        mesh, setup = _setup(config, {"data": 1}, jax.devices()[:1])
+        with jax.set_mesh(mesh), sharding.use_rules(config.rules):
+            xla = compile_train_step(setup).cost_analysis()
+        xla = xla[0] if isinstance(xla, (list, tuple)) else xla
+        return setup.model_flops_per_step, xla["flops"]
+
+    model, xla = flops()
+    # 918,656 weights less the 256 x 128 embedding table, 6 FLOPs each per token, plus
+    # attention: 12 x 4 layers x 4 heads x 32 x 128 per token; 8 x 128 tokens.
+    assert model == (6 * (918_656 - 256 * 128) + 12 * 4 * 4 * 32 * 128) * 8 * 128
+    assert 0.9 * model < xla < 1.3 * model  # XLA also counts softmax, norms, the optimizer
+    scanned_model, scanned_xla = flops(model__scan_layers=True)
+    assert scanned_model == model
+    assert scanned_xla < 0.6 * xla  # XLA counts the scanned block once, not 4 times
