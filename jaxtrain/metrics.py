@@ -19,6 +19,7 @@ PEAK_BF16_FLOPS = {
     "TPU v5 lite": 197e12,
     "TPU v5e": 197e12,
     "TPU v5p": 459e12,
+    "TPU v5": 459e12,  # some runtimes report v5p as plain "TPU v5"; after "TPU v5 lite"
     "TPU v6 lite": 918e12,
     "TPU v6e": 918e12,
     "NVIDIA H100": 989e12,
@@ -28,7 +29,10 @@ PEAK_BF16_FLOPS = {
 
 
 def peak_flops(device: jax.Device) -> float | None:
-    """Peak bf16 FLOP/s of one device, or None when its kind is not in the table."""
+    """Peak bf16 FLOP/s of one device, or None when its kind is not in the table.
+
+    Kinds match by prefix, first entry first, so more specific names come earlier.
+    """
     kind = device.device_kind
     for prefix, flops in PEAK_BF16_FLOPS.items():
         if kind.startswith(prefix):
