@@ -35,6 +35,8 @@ def _command(workdir, data_dir, checkpoint_every=10):
         f"--config.checkpoint_every_steps={checkpoint_every}",
         "--config.log_every_steps=1",
         "--config.eval_every_steps=40",
+        # Dropout on, so the comparison covers the dropout RNG resuming exactly too.
+        "--config.model.dropout_rate=0.1",
     ]
 
 
