@@ -17,6 +17,9 @@ setuptools.setup(
         "flax>=0.12.0",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
+        # Orbax's array store; checkpoint.py reads its index to vet a step before restoring.
+        "tensorstore>=0.1.70",
+        "etils[epath]>=1.7",
         "tensorflow-datasets>=4.9.10",
         "grain>=0.2.18",
         "ml-collections>=1.1.0",

@@ -74,7 +74,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # "auto": bfloat16 compute on GPU/TPU, float32 on CPU; parameters stay float32.
     c.precision = dict(compute_dtype="auto", param_dtype="float32")
     c.checkpoint_every_steps = 200
-    c.checkpoint = dict(max_to_keep=3, async_save=True)
+    c.checkpoint = dict(
+        keep_latest=3,  # the newest N steps are kept (>= 1: a rerun resumes from the newest)
+        keep_best=0,  # also keep the K best evaluated steps by best_metric; 0 = off
+        best_metric="loss",  # the eval metric that ranks steps for keep_best
+        best_mode="min",  # "min" or "max": which end of best_metric is best
+        keep_every_steps=0,  # also keep, permanently, every step that is a multiple; 0 = off
+        async_save=True,  # write in the background while training goes on
+    )
 
     if arg == "smoke":  # a few steps in seconds, for tests and quick checks
         c.num_train_steps = 4

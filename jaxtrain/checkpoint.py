@@ -1,58 +1,178 @@
-"""Thin Orbax wrapper: save, restore onto the current shardings, and a compatibility check.
+"""Thin Orbax wrapper: save, restore onto the current shardings, retention, damage checks.
 
 A checkpoint step holds three items: `state` (the TrainState: step, params, optimizer
 state, RNG), `data` (the input iterator's position, JSON) and `config` (JSON), so a rerun
 of the same command continues with the next step and the next batch.
+
+Never load garbage: Orbax lists every directory named like a step, committed or not, so
+each step is checked before it is used (commit marker, metadata, and every file and byte
+range the array store points at). A damaged step is skipped with a warning and, once the
+run may write, moved aside to `<step>.damaged` for inspection, out of the way of Orbax's
+retention and of the next save of that step.
 """
 
+import json
+import math
 import os
+import re
+import tempfile
+import types
 
 import jax
 import orbax.checkpoint as ocp
+import tensorstore as ts
+from absl import logging
+from etils import epath
+from jax.experimental import multihost_utils
 
 from jaxtrain.errors import ConfigError
 from jaxtrain.sharding import path_str
 
 CHECKPOINT_SUBDIR = "checkpoints"
+_STEP_NAME = re.compile(r"0|[1-9]\d*")  # Orbax's default step directory names
+_COMMIT_MARKER = "commit_success.txt"  # written last, just before the step is renamed in place
 
 
-def _item_handlers():
-    # Named up front so that a manager that did not write the checkpoint can read it.
-    return {
-        "state": ocp.StandardCheckpointHandler(),
-        "data": ocp.JsonCheckpointHandler(),
-        "config": ocp.JsonCheckpointHandler(),
-    }
+class CheckpointWriteError(ConfigError):
+    """Checkpoints cannot be written (unwritable directory, disk full); older ones are intact."""
 
 
 def checkpoint_dir(workdir: str) -> str:
     return os.path.join(os.path.abspath(workdir), CHECKPOINT_SUBDIR)
 
 
-def latest_compatible_step(workdir: str, abstract_state) -> int | None:
-    """The latest checkpoint step in `workdir`, after checking it fits `abstract_state`.
+def check_config(checkpoint_config) -> None:
+    """Rejects a bad `config.checkpoint` before anything is written.
 
-    Reads metadata only and writes nothing, so it can run before a run touches its workdir.
+    Raises:
+      ConfigError: naming the field and why.
+    """
+    c = checkpoint_config
+    if c.keep_latest < 1:
+        # The newest step must survive every rule: it is where a rerun resumes.
+        raise ConfigError(f"config.checkpoint.keep_latest must be >= 1, got {c.keep_latest}")
+    for key in ("keep_best", "keep_every_steps"):
+        if c[key] < 0:
+            raise ConfigError(f"config.checkpoint.{key} must be >= 0 (0 = off), got {c[key]}")
+    if c.best_mode not in ("min", "max"):
+        raise ConfigError(
+            f"config.checkpoint.best_mode must be 'min' or 'max', got {c.best_mode!r}"
+        )
+    if not c.best_metric:
+        raise ConfigError("config.checkpoint.best_metric must name an eval metric, e.g. 'loss'")
+
+
+def damage(step_dir: str) -> str | None:
+    """Why the checkpoint step in `step_dir` is incomplete or damaged, or None if it is whole.
+
+    Reads metadata only (no array data), so it is cheap, and writes nothing. A file that
+    is damaged inside its bytes but has its full length still passes; `Checkpointer.restore`
+    falls back to an older step when such a file fails to read.
+    """
+    if not os.path.isfile(os.path.join(step_dir, _COMMIT_MARKER)):
+        return f"no commit marker ({_COMMIT_MARKER}): the save never finished"
+    try:
+        _read_json(step_dir, "_CHECKPOINT_METADATA")
+        for item in ("data", "config"):
+            _read_json(step_dir, item, "metadata")
+        if os.path.exists(os.path.join(step_dir, "metrics")):
+            _read_json(step_dir, "metrics", "metrics")
+        if _read_json(step_dir, "state", "_METADATA").get("use_ocdbt", True):
+            return _array_store_damage(os.path.join(step_dir, "state"))
+    except (OSError, ValueError) as e:  # missing, unreadable or not JSON
+        return _reason(e, relative_to=step_dir)
+    return None
+
+
+def _read_json(step_dir: str, *parts: str):
+    with open(os.path.join(step_dir, *parts), encoding="utf-8") as f:
+        try:
+            return json.load(f)
+        except ValueError:
+            raise ValueError(f"{'/'.join(parts)} is not valid JSON") from None
+
+
+def _array_store_damage(state_dir: str) -> str | None:
+    """Walks the OCDBT B-tree and checks each value's file holds the byte range it points at."""
+    store = ts.KvStore.open({"driver": "file", "path": state_dir + "/"}).result()
+    try:
+        manifest = ts.ocdbt.dump(store).result()
+        versions = manifest.get("versions") or [{}]
+        pending = [versions[-1].get("root", {}).get("location")]
+        if pending[0] is None:
+            return "the array store is empty"
+        sizes: dict[str, int] = {}
+        while pending:
+            for entry in ts.ocdbt.dump(store, pending.pop()).result()["entries"]:
+                if "location" in entry:  # an interior node: its children are checked in turn
+                    pending.append(entry["location"])
+                elif "indirect_value" in entry:
+                    # "value:<base>:<relative path>:<offset>:<length>"
+                    file_id, offset, length = entry["indirect_value"].rsplit(":", 2)
+                    path = os.path.join(state_dir, *file_id.split(":", 2)[1:])
+                    if path not in sizes:
+                        sizes[path] = os.path.getsize(path) if os.path.isfile(path) else -1
+                    relative = os.path.relpath(path, os.path.dirname(state_dir))
+                    if sizes[path] < 0:
+                        return f"array file {relative} is missing"
+                    if sizes[path] < int(offset) + int(length):
+                        return f"array file {relative} is truncated ({sizes[path]} bytes)"
+    except ValueError as e:  # tensorstore: a manifest or B-tree node missing or cut short
+        return f"the array index does not read: {_reason(e)}"
+    return None
+
+
+def _reason(error: Exception, relative_to: str | None = None) -> str:
+    """A short reason for an I/O failure from Python, Orbax or TensorStore."""
+    while error.__cause__ is not None:  # Orbax wraps TensorStore's error, which says what broke
+        error = error.__cause__
+    if isinstance(error, OSError) and error.strerror:
+        if not error.filename:
+            return error.strerror
+        name = os.path.relpath(error.filename, relative_to) if relative_to else error.filename
+        return f"{name}: {error.strerror}"
+    code = re.search(r"os_error_code='?(\d+)", str(error))  # TensorStore keeps the errno here
+    if code:
+        return os.strerror(int(code.group(1)))
+    line = (str(error).strip().splitlines() or [""])[0][:200]
+    # TensorStore's errors are ValueErrors whose text starts with a status: NOT_FOUND, ...
+    return line if isinstance(error, ValueError) and line else f"{type(error).__name__}: {line}"
+
+
+def _steps(directory: str) -> list[int]:
+    """Step numbers of the step directories in `directory`, newest first."""
+    if not os.path.isdir(directory):
+        return []
+    names = [n for n in os.listdir(directory) if _STEP_NAME.fullmatch(n)]
+    return sorted((int(n) for n in names), reverse=True)
+
+
+def _newest_whole_step(directory: str, warn: bool = False) -> int | None:
+    for step in _steps(directory):
+        path = os.path.join(directory, str(step))
+        problem = damage(path)
+        if problem is None:
+            return step
+        if warn:
+            logging.warning("skipping checkpoint step %d (%s): %s", step, path, problem)
+    return None
+
+
+def latest_compatible_step(workdir: str, abstract_state) -> int | None:
+    """The newest whole checkpoint step in `workdir`, after checking it fits `abstract_state`.
+
+    Damaged or incomplete steps are skipped with a warning naming each. Reads metadata
+    only and writes nothing, so it can run before a run touches its workdir.
 
     Raises:
       ConfigError: the checkpoint's parameters differ in structure or shape.
     """
     directory = checkpoint_dir(workdir)
-    if not os.path.isdir(directory):
+    step = _newest_whole_step(directory, warn=True)
+    if step is None:
         return None
-    manager = ocp.CheckpointManager(
-        directory,
-        item_handlers=_item_handlers(),
-        options=ocp.CheckpointManagerOptions(read_only=True),
-    )
-    try:
-        step = manager.latest_step()
-        if step is None:
-            return None
-        saved = manager.item_metadata(step)["state"]
-        saved = getattr(saved, "tree", saved)["params"]
-    finally:
-        manager.close()
+    saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / "state")
+    saved = getattr(saved, "tree", saved)["params"]
     want = _shapes(abstract_state.params)
     have = _shapes(saved)
     problem = None
@@ -79,18 +199,108 @@ def _shapes(tree) -> dict[str, tuple]:
     return {path_str(path): tuple(leaf.shape) for path, leaf in leaves}
 
 
+def _item_handlers():
+    # Named up front so that a manager that did not write the checkpoint can read it.
+    return {
+        "state": ocp.StandardCheckpointHandler(),
+        "data": ocp.JsonCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(),
+    }
+
+
+class _BestEvaluated:
+    """Orbax's BestN over the steps that have `metric`; the other rules handle the rest.
+
+    Steps saved without an eval carry `{}` as metrics: BestN must neither rank them nor,
+    with keep_checkpoints_without_metrics, keep them all forever.
+    """
+
+    def __init__(self, metric: str, mode: str, k: int):
+        self._metric = metric
+        self._best = ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda metrics: metrics[metric],
+            reverse=mode == "min",  # BestN keeps the end of the sorted list
+            n=k,
+            keep_checkpoints_without_metrics=False,
+        )
+
+    def should_preserve(self, checkpoints, *, context):
+        rated = [
+            info
+            if info.metrics and self._metric in info.metrics
+            else types.SimpleNamespace(step=info.step, time=info.time, metrics=None)
+            for info in checkpoints
+        ]
+        return self._best.should_preserve(rated, context=context)
+
+
+def _preservation_policy(c):
+    policies = [ocp.checkpoint_managers.LatestN(n=c.keep_latest)]
+    if c.keep_best:
+        policies.append(_BestEvaluated(c.best_metric, c.best_mode, c.keep_best))
+    if c.keep_every_steps:
+        policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=c.keep_every_steps))
+    return ocp.checkpoint_managers.AnyPreservationPolicy(policies)
+
+
 class Checkpointer:
-    """Saves and restores train state, data position and config under `workdir/checkpoints`."""
+    """Saves and restores train state, data position and config under `workdir/checkpoints`.
+
+    Keeps the latest `keep_latest` steps, the `keep_best` best by the eval metric
+    `best_metric`, and every step that is a multiple of `keep_every_steps`.
+    """
 
     def __init__(self, workdir: str, checkpoint_config):
+        """Checks the directory is writable and sets damaged steps aside.
+
+        Raises:
+          CheckpointWriteError: the checkpoint directory cannot be created or written.
+        """
+        check_config(checkpoint_config)
+        c = checkpoint_config
+        self.directory = checkpoint_dir(workdir)
+        self._best_metric = c.best_metric if c.keep_best else None
+        self._pending_step = None  # the step whose save may still run in the background
+        self._failed = False  # a save error was raised already; close() stays quiet
+        try:
+            if os.path.exists(self.directory) and not os.path.isdir(self.directory):
+                raise NotADirectoryError(20, "exists and is not a directory")
+            os.makedirs(self.directory, exist_ok=True)
+            with tempfile.TemporaryFile(dir=self.directory):
+                pass
+        except OSError as e:
+            raise CheckpointWriteError(
+                f"cannot write checkpoints to {self.directory!r}: {e.strerror or e}"
+            ) from e
+        if jax.process_index() == 0:
+            for step in _steps(self.directory):
+                problem = damage(os.path.join(self.directory, str(step)))
+                if problem:
+                    self._set_aside(step, problem)
+        _sync("jaxtrain_checkpoint_set_aside")
+        metric, worst = c.best_metric, (math.inf if c.best_mode == "min" else -math.inf)
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=checkpoint_config.max_to_keep,
-            enable_async_checkpointing=checkpoint_config.async_save,
+            preservation_policy=_preservation_policy(c),
+            # Setting best_fn makes Orbax store each step's eval metrics, so the best-K
+            # ranking survives restarts; `best_step()` then works too.
+            best_fn=lambda metrics: metrics.get(metric, worst),
+            best_mode=c.best_mode,
+            enable_async_checkpointing=c.async_save,
+            cleanup_tmp_directories=True,  # half-written steps of a crashed run; never listed
             create=True,
         )
         self.manager = ocp.CheckpointManager(
-            checkpoint_dir(workdir), options=options, item_handlers=_item_handlers()
+            self.directory, options=options, item_handlers=_item_handlers()
         )
+
+    def _set_aside(self, step: int, problem: str) -> None:
+        """Renames a damaged step to `<step>.damaged[-N]`, which Orbax does not list."""
+        path = os.path.join(self.directory, str(step))
+        target, n = f"{path}.damaged", 1
+        while os.path.exists(target):
+            target, n = f"{path}.damaged-{n}", n + 1
+        os.rename(path, target)
+        logging.warning("set aside damaged checkpoint step %d as %s: %s", step, target, problem)
 
     def save(
         self, step: int, state, data_state: dict, config_dict: dict, eval_metrics=None
@@ -103,33 +313,116 @@ class Checkpointer:
           data_state: the input iterator's position after the last consumed batch.
           config_dict: the resolved config.
           eval_metrics: this step's evaluation metrics, if it has any.
+
+        Raises:
+          CheckpointWriteError: this save or the previous background one failed (disk
+            full, directory gone read-only); the newest whole step is named and intact.
+          ConfigError: `best_metric` is not among the eval metrics.
         """
-        self.manager.save(
-            step,
-            metrics={k: float(v) for k, v in eval_metrics.items()} if eval_metrics else None,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
-                data=ocp.args.JsonSave(data_state),
-                config=ocp.args.JsonSave(config_dict),
-            ),
-        )
+        metrics = {k: float(v) for k, v in (eval_metrics or {}).items()}
+        if metrics and self._best_metric and self._best_metric not in metrics:
+            raise ConfigError(
+                f"config.checkpoint.best_metric={self._best_metric!r} is not an eval metric; "
+                f"the evaluation gives {sorted(metrics)}"
+            )
+        self.wait_until_finished()
+        try:
+            saved = self.manager.save(
+                step,
+                metrics=metrics,  # {} = not evaluated (None would make Orbax warn each time)
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state),
+                    data=ocp.args.JsonSave(data_state),
+                    config=ocp.args.JsonSave(config_dict),
+                ),
+            )
+        except Exception as e:
+            raise self._write_error(step, e) from e
+        if not saved:  # Orbax skips, silently, a step not newer than its latest
+            raise CheckpointWriteError(
+                f"checkpoint step {step} not saved: {self.directory!r} already holds step "
+                f"{self.manager.latest_step()}"
+            )
+        self._pending_step = step
 
     def restore(self, step: int, abstract_state):
         """Restores straight onto the shardings in `abstract_state` (no gather to one device).
 
+        Each process reads only the slices its devices hold. If `step` fails to read (a file
+        damaged inside its bytes), the next older step is tried with a warning; `state.step`
+        says which step came back. Steps that failed are set aside once an older one restores.
+
         Returns:
           (state, data_state).
         """
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state),
-                data=ocp.args.JsonRestore(),
-            ),
+        older = [s for s in reversed(self.manager.all_steps()) if s < step]
+        failed, first_error = [], None
+        for candidate in [step, *older]:
+            try:
+                restored = self.manager.restore(
+                    candidate,
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state),
+                        data=ocp.args.JsonRestore(),
+                    ),
+                )
+            except Exception as e:  # any read failure means: try the step before
+                first_error = first_error or e
+                failed.append((candidate, _reason(e)))
+                logging.warning(
+                    "checkpoint step %d (%s) failed to restore, trying the previous one: %s",
+                    candidate,
+                    os.path.join(self.directory, str(candidate)),
+                    _reason(e),
+                )
+                continue
+            # Only now is it clear the failures were the steps' own, not this program's.
+            if jax.process_index() == 0:
+                for bad, problem in failed:
+                    self._set_aside(bad, f"failed to restore: {problem}")
+            _sync("jaxtrain_checkpoint_restore")
+            if failed:
+                self.manager.reload()
+            return restored["state"], restored["data"]
+        raise first_error
+
+    def wait_until_finished(self) -> None:
+        """Blocks until the background save, if any, has committed.
+
+        Raises:
+          CheckpointWriteError: it failed; raised once, later calls return quietly.
+        """
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            if self._failed:
+                return
+            raise self._write_error(self._pending_step, e) from e
+
+    def _write_error(self, step, error: Exception) -> CheckpointWriteError:
+        self._failed = True
+        good = _newest_whole_step(self.directory)
+        return CheckpointWriteError(
+            f"could not save checkpoint step {step} in {self.directory!r}: {_reason(error)}; "
+            + (
+                f"the newest whole checkpoint, step {good}, is intact"
+                if good is not None
+                else "there is no whole checkpoint there"
+            )
         )
-        return restored["state"], restored["data"]
 
     def close(self) -> None:
         """Waits for pending saves (raising their errors) and releases the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        try:
+            self.wait_until_finished()
+        finally:
+            try:
+                self.manager.close()
+            except Exception:
+                if not self._failed:  # after a reported failure Orbax re-raises it here
+                    raise
+
+
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:  # the other processes wait for process 0's renames
+        multihost_utils.sync_global_devices(name)

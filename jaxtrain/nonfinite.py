@@ -74,9 +74,8 @@ class NonFinitePolicy:
             metrics.console(f"{what}; update skipped ({self._in_a_row} in a row)")
             return state
         if self._policy == "rollback":
-            manager = self._checkpointer.manager
-            manager.wait_until_finished()
-            good = manager.latest_step()
+            self._checkpointer.wait_until_finished()  # a failed save surfaces here, clearly
+            good = self._checkpointer.manager.latest_step()
             if good is None:
                 return self._abort(
                     step, f"{what}; no checkpoint to roll back to", local_batch, loss

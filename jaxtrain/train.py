@@ -37,6 +37,7 @@ def _check_config(config) -> None:
     ):
         if config[key] <= 0:
             raise ConfigError(f"config.{key} must be positive, got {config[key]}")
+    checkpoint.check_config(config.checkpoint)
     nonfinite.check_config(config.nonfinite)
 
 
@@ -105,7 +106,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
         if resume_step is not None:
             state, data_state = ckpt.restore(resume_step, setup.abstract_state)
             train_iter.set_state(data_state)
-            metrics.truncate_metrics(workdir, resume_step)
+            # restore() may fall back to an older step when this one fails to read.
+            metrics.truncate_metrics(workdir, int(state.step))
         else:
             state = create_state(setup, config.seed)
         start_step = int(state.step)
