@@ -16,6 +16,7 @@ import sys
 from jaxtrain.config import load_config
 
 USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
+                      [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
        jaxtrain plan --config=FILE.py[:ARG] --topology=NAME [--json] [--config.KEY=VALUE ...]
 
 commands:
@@ -103,6 +104,25 @@ def main(argv: list[str]) -> int:
         flags.DEFINE_string(
             "workdir", None, "Run directory: config, metrics, checkpoints.", flag_values=flag_values
         )
+        flags.DEFINE_string(
+            "coordinator_address",
+            None,
+            "Multi-process runs where jax detects no cluster (TPU pods, SLURM and Open MPI "
+            "need no flags): HOST:PORT of process 0, reachable from every process.",
+            flag_values=flag_values,
+        )
+        flags.DEFINE_integer(
+            "num_processes",
+            None,
+            "With --coordinator_address: how many processes the job has.",
+            flag_values=flag_values,
+        )
+        flags.DEFINE_integer(
+            "process_id",
+            None,
+            "With --coordinator_address: this process's index, 0 to num_processes - 1.",
+            flag_values=flag_values,
+        )
     else:
         flags.DEFINE_string(
             "topology",
@@ -122,8 +142,13 @@ def main(argv: list[str]) -> int:
 
     try:
         if command == "train":
+            from jaxtrain import distributed
             from jaxtrain.train import train_and_evaluate
 
+            # First: jax sizes its backend to the whole job when the backend starts.
+            distributed.initialize(
+                flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+            )
             try:
                 train_and_evaluate(flag_values.config, flag_values.workdir)
             except Preempted as e:

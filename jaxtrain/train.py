@@ -228,7 +228,8 @@ def _describe_run(config, mesh, setup: Setup, stats, start_step) -> None:
     shapes = {k: tuple(v.shape) for k, v in setup.abstract_batch.items()}
     lines = [
         f"model {config.model.name}: {num_params:,} parameters | "
-        f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices",
+        f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices"
+        + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""),
         f"global batch {config.global_batch_size} {shapes} | steps {start_step} -> "
         f"{config.num_train_steps}" + (f" (resumed at {start_step})" if start_step else ""),
     ]
