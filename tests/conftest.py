@@ -63,6 +63,22 @@ def read_metrics(workdir, split="train"):
     return records
 
 
+def gpt_smoke_config(data_dir=None, steps=4, mesh=None, **overrides):
+    """The GPT smoke config for a `steps`-step run on `mesh` (all devices by default).
+
+    It logs every step and evaluates and checkpoints at the end, unless `overrides`
+    (`a__b=value` for nested fields) say otherwise.
+    """
+    fields = dict(
+        num_train_steps=steps,
+        log_every_steps=1,
+        eval_every_steps=steps,
+        checkpoint_every_steps=steps,
+        mesh=mesh or {"data": -1},
+    )
+    return load_config("gpt_pysource", "smoke", data_dir=data_dir, **{**fields, **overrides})
+
+
 def train_gpt_smoke(data_dir, workdir, mesh, devices=None, steps=5, **overrides):
     """Trains the GPT smoke config for `steps`, logging every step.
 
@@ -71,17 +87,7 @@ def train_gpt_smoke(data_dir, workdir, mesh, devices=None, steps=5, **overrides)
     """
     from jaxtrain.train import train_and_evaluate
 
-    config = load_config(
-        "gpt_pysource",
-        "smoke",
-        data_dir=data_dir,
-        num_train_steps=steps,
-        log_every_steps=1,
-        eval_every_steps=steps,
-        checkpoint_every_steps=steps,
-        mesh=mesh,
-        **overrides,
-    )
+    config = gpt_smoke_config(data_dir, steps, mesh, **overrides)
     state, result = train_and_evaluate(config, str(workdir), devices=devices)
     losses = [r["loss"] for _, r in sorted(read_metrics(workdir).items())]
     return state, result, losses

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import load_config, read_metrics
+from conftest import gpt_smoke_config, load_config, read_metrics
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 
 from jaxtrain import checkpoint, sharding
@@ -26,23 +26,9 @@ from jaxtrain.train import train_and_evaluate
 RTOL = 1e-5
 
 
-def _smoke_config(data_dir=None, steps=4, mesh=None, **overrides):
-    return load_config(
-        "gpt_pysource",
-        "smoke",
-        data_dir=data_dir,
-        num_train_steps=steps,
-        log_every_steps=1,
-        eval_every_steps=steps,
-        checkpoint_every_steps=steps,
-        mesh=mesh or {"data": -1},
-        **overrides,
-    )
-
-
 def _train(data_dir, workdir, steps, mesh=None, devices=None):
     """Trains (or resumes) `workdir` up to `steps`; returns the final eval metrics."""
-    config = _smoke_config(data_dir, steps, mesh)
+    config = gpt_smoke_config(data_dir, steps, mesh)
     return train_and_evaluate(config, str(workdir), devices=devices)[1]
 
 
@@ -141,7 +127,7 @@ def test_restore_reads_only_each_devices_shards(after_two_steps, monkeypatch):
         )
 
     monkeypatch.setattr(orbax_serialization, "_read_array_index_and_device_put", recording)
-    config = _smoke_config(mesh={"data": 1, "fsdp": 4, "tensor": 2})
+    config = gpt_smoke_config(mesh={"data": 1, "fsdp": 4, "tensor": 2})
     setup = make_setup(config, sharding.make_mesh(config.mesh))
     ckpt = checkpoint.Checkpointer(str(after_two_steps), config.checkpoint)
     try:
@@ -161,7 +147,7 @@ def test_restore_reads_only_each_devices_shards(after_two_steps, monkeypatch):
     assert ((16, 64), (16, 64), (64, 128)) in reads
 
     # The same step restored onto one device holds the same numbers.
-    config_one = _smoke_config(mesh={"data": 1})
+    config_one = gpt_smoke_config(mesh={"data": 1})
     setup_one = make_setup(config_one, sharding.make_mesh(config_one.mesh, jax.devices()[:1]))
     ckpt = checkpoint.Checkpointer(str(after_two_steps), config_one.checkpoint)
     try:
@@ -177,7 +163,7 @@ def test_restore_reads_only_each_devices_shards(after_two_steps, monkeypatch):
 
 @pytest.fixture(scope="module")
 def smoke():
-    config = _smoke_config()
+    config = gpt_smoke_config()
     setup = make_setup(config, sharding.make_mesh(config.mesh))
     return config, setup, create_state(setup, 0)
 

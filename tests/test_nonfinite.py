@@ -6,7 +6,7 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import load_config, read_metrics
+from conftest import gpt_smoke_config, read_metrics
 
 from jaxtrain.data import pipeline
 from jaxtrain.nonfinite import NonFiniteError
@@ -14,13 +14,9 @@ from jaxtrain.train import train_and_evaluate
 
 
 def _config(data_dir, policy, inject, steps=6, **overrides):
-    return load_config(
-        "gpt_pysource",
-        "smoke",
-        data_dir=data_dir,
-        num_train_steps=steps,
-        log_every_steps=1,
-        eval_every_steps=steps,
+    return gpt_smoke_config(
+        data_dir,
+        steps,
         checkpoint_every_steps=2,
         nonfinite__policy=policy,
         nonfinite__inject_at_steps=inject,
