@@ -13,6 +13,7 @@ import numpy as np
 
 from jaxtrain import metrics
 from jaxtrain.errors import ConfigError
+from jaxtrain.sharding import path_str
 
 POLICIES = ("abort", "skip", "rollback")
 
@@ -38,17 +39,21 @@ class NonFinitePolicy:
     Args:
       nonfinite_config: `config.nonfinite` (policy, max_consecutive_skips).
       workdir: where an abort writes its report and the offending batch.
-      param_paths: `/`-joined path of each leaf of `jax.tree.leaves(params)`.
       checkpointer: the run's Checkpointer, for rollback.
-      abstract_state: the target shardings for a rollback restore.
+      abstract_state: the run's abstract TrainState: target shardings for a rollback
+        restore, and the parameter paths a report names.
     """
 
-    def __init__(self, nonfinite_config, workdir, param_paths, checkpointer, abstract_state):
+    def __init__(self, nonfinite_config, workdir, checkpointer, abstract_state):
         check_config(nonfinite_config)
         self._policy = nonfinite_config.policy
         self._max_in_a_row = nonfinite_config.max_consecutive_skips
         self._workdir = workdir
-        self._paths = param_paths
+        # In the order of jax.tree.leaves(params), which the step's leaf index refers to.
+        self._paths = [
+            path_str(path)
+            for path, _ in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+        ]
         self._checkpointer = checkpointer
         self._abstract_state = abstract_state
         self._in_a_row = 0

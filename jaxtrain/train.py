@@ -116,7 +116,8 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
         train_step = compile_train_step(setup)
         eval_step = jit_eval_step(setup)
         step_stats = metrics.compiled_stats(train_step)
-        _describe_run(config, mesh, setup, step_stats, start_step)
+        flops_per_device, flops_source = flops_per_device_step(setup, mesh.devices.size, step_stats)
+        _describe_run(config, mesh, setup, step_stats, flops_per_device, flops_source, start_step)
 
         def evaluate(params) -> dict[str, float]:
             totals = steps.zero_eval_totals()
@@ -146,19 +147,11 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
         batches = data.DevicePrefetcher(train_iter, setup.batch_sharding, size=config.data.prefetch)
         timer = metrics.Throughput(start_step)
         peak = metrics.peak_flops(mesh.devices.flat[0])
-        flops_per_device, _ = flops_per_device_step(setup, mesh.devices.size, step_stats)
         examples_per_step = config.global_batch_size
         tokens_per_step = examples_per_step * (config.data.seq_len if setup.task == "lm" else 0)
         preemption = PreemptionWatcher()
         nonfinite_policy = nonfinite.NonFinitePolicy(
-            config.nonfinite,
-            workdir,
-            [
-                sharding.path_str(p)
-                for p, _ in jax.tree_util.tree_flatten_with_path(state.params)[0]
-            ],
-            ckpt,
-            setup.abstract_state,
+            config.nonfinite, workdir, ckpt, setup.abstract_state
         )
         previous = None  # (step, metrics, local batch): its finiteness is read one step late
         pending = None  # (step, metrics on device): fetched one step late, never blocking
@@ -204,7 +197,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
                     writer.write(step, "eval", eval_metrics)
                     result.update(eval_metrics)
                     timer.reset(step)
-                preempted = preemption.reached(step)
+                preempted = preemption.reached(step) and not last  # last: just finish
                 if step % config.checkpoint_every_steps == 0 or last or preempted:
                     # Eval metrics (when this step has them) let retention keep the best.
                     ckpt.save(step, state, batches.state, config_dict, eval_metrics)
@@ -222,7 +215,7 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
     return state, result
 
 
-def _describe_run(config, mesh, setup: Setup, stats, start_step) -> None:
+def _describe_run(config, mesh, setup: Setup, stats, flops, flops_source, start_step) -> None:
     """Prints what will run: sizes, layout, per-device memory and FLOPs of the step."""
     num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
     shapes = {k: tuple(v.shape) for k, v in setup.abstract_batch.items()}
@@ -233,10 +226,11 @@ def _describe_run(config, mesh, setup: Setup, stats, start_step) -> None:
         f"global batch {config.global_batch_size} {shapes} | steps {start_step} -> "
         f"{config.num_train_steps}" + (f" (resumed at {start_step})" if start_step else ""),
     ]
-    flops, source = flops_per_device_step(setup, mesh.devices.size, stats)
     if flops:
-        xla = f" (XLA counts {metrics.human(stats['flops'])})" if source == "model" else ""
-        lines.append(f"train step: {metrics.human(flops)}FLOP per device, {source} FLOPs{xla}")
+        xla = f" (XLA counts {metrics.human(stats['flops'])})" if flops_source == "model" else ""
+        lines.append(
+            f"train step: {metrics.human(flops)}FLOP per device, {flops_source} FLOPs{xla}"
+        )
     if "temp_size_in_bytes" in stats:
         lines.append(
             "train step memory per device: "
