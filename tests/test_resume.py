@@ -20,7 +20,7 @@ from conftest import CONFIGS, read_metrics
 from jaxtrain.preemption import EXIT_PREEMPTED
 
 GPT = os.path.join(CONFIGS, "gpt_pysource.py")
-STEPS = 120
+STEPS = 60
 TIMINGS = {"step_time_s", "examples_per_s", "tokens_per_s"}
 
 
@@ -34,7 +34,7 @@ def _command(workdir, data_dir, checkpoint_every=10):
         f"--config.num_train_steps={STEPS}",
         f"--config.checkpoint_every_steps={checkpoint_every}",
         "--config.log_every_steps=1",
-        "--config.eval_every_steps=40",
+        "--config.eval_every_steps=30",
         # Dropout on, so the comparison covers the dropout RNG resuming exactly too.
         "--config.model.dropout_rate=0.1",
     ]
@@ -115,7 +115,7 @@ def test_kill_right_after_a_checkpoint_commits(reference, data_dir, tmp_path):
 def test_kill_during_asynchronous_saves(reference, data_dir, tmp_path):
     # Saving every step keeps an asynchronous save in flight nearly all the time.
     command = _command(tmp_path, data_dir, checkpoint_every=1)
-    status, _ = _start_and_kill(command, _logged_step(tmp_path, 30))
+    status, _ = _start_and_kill(command, _logged_step(tmp_path, 15))
     assert status == -signal.SIGKILL
     leftovers = glob.glob(str(tmp_path / "checkpoints" / "*tmp*"))
     _run(command)
