@@ -10,11 +10,15 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["jaxtrain", "jaxtrain.*"]),
+    # The bundled configs live at the top of the checkout (configs/) and install as the
+    # package jaxtrain.configs, so `--config=gpt_pysource.py` works from any install.
+    packages=[*setuptools.find_packages(include=["jaxtrain", "jaxtrain.*"]), "jaxtrain.configs"],
+    package_dir={"jaxtrain.configs": "configs"},
     install_requires=[
         # jax 0.10.2 is the newest release for Python 3.11; 0.11+ need Python 3.12.
         "jax>=0.10.2",
-        "flax>=0.12.0",
+        # nnx.view sets train and eval mode (Flax's documented way) from 0.12.4.
+        "flax>=0.12.4",
         "optax>=0.2.8",
         "orbax-checkpoint>=0.12.8",
         # Orbax's array store; checkpoint.py reads its index to vet a step before restoring.

@@ -1,3 +1,54 @@
-"""jaxtrain: sharded JAX training with Flax NNX, Optax, Orbax and TFDS."""
+"""jaxtrain: sharded, resumable JAX training for your own Flax NNX models.
+
+Train a model, loss and data of your own through the same sharded, checkpointed loop as
+the bundled tasks:
+
+    import jaxtrain
+
+    config = jaxtrain.load_config("gpt_pysource.py:smoke")  # a bundled config, or a path
+    task = jaxtrain.Task(model=lambda rngs: MyNet(rngs=rngs), loss=my_loss, data=arrays)
+    state, metrics = jaxtrain.train_and_evaluate(config, "runs/mine", task=task)
+
+Or write your own loop from the pieces it is made of:
+
+    mesh = jaxtrain.make_mesh({"fsdp": 4, "tensor": 2})
+    layout = jaxtrain.make_state_layout(model_fn, optax.adamw(1e-3), mesh, rules)
+    state = jaxtrain.create_state(layout, seed=0)                  # already sharded
+    step = jaxtrain.compile_train_step(jaxtrain.make_train_step(my_loss, layout), layout, batch)
+    checkpointer = jaxtrain.Checkpointer(workdir, config.checkpoint)
+
+The input pipeline is `jaxtrain.data` (any examples -> checkpointable, per-process
+batches); the command line is `jaxtrain train|plan` (see `jaxtrain.cli`).
+"""
+
+from jaxtrain.checkpoint import Checkpointer, latest_compatible_step
+from jaxtrain.config import load_config
+from jaxtrain.errors import ConfigError
+from jaxtrain.sharding import Rules, make_mesh
+from jaxtrain.state import StateLayout, TrainState, create_state, make_state_layout
+from jaxtrain.steps import compile_train_step, jit_eval_step, make_eval_step, make_train_step
+from jaxtrain.tasks import Task, per_example
+from jaxtrain.train import evaluate, train_and_evaluate
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "Checkpointer",
+    "ConfigError",
+    "Rules",
+    "StateLayout",
+    "Task",
+    "TrainState",
+    "compile_train_step",
+    "create_state",
+    "evaluate",
+    "jit_eval_step",
+    "latest_compatible_step",
+    "load_config",
+    "make_eval_step",
+    "make_mesh",
+    "make_state_layout",
+    "make_train_step",
+    "per_example",
+    "train_and_evaluate",
+]

@@ -1,36 +1,31 @@
-"""Thin Orbax wrapper: save, restore onto the current shardings, retention, damage checks.
+"""Thin Orbax wrapper: save, restore onto the current shardings, retention.
 
 A checkpoint step holds three items: `state` (the TrainState: step, params, optimizer
-state, RNG), `data` (the input iterator's position, JSON) and `config` (JSON), so a rerun
-of the same command continues with the next step and the next batch.
+state, model state, RNG), `data` (the input iterator's position, JSON) and `config`
+(JSON), so a rerun of the same command continues with the next step and the next batch.
 
-Never load garbage: Orbax lists every directory named like a step, committed or not, so
-each step is checked before it is used (commit marker, metadata, and every file and byte
-range the array store points at). A damaged step is skipped with a warning and, once the
-run may write, moved aside to `<step>.damaged` for inspection, out of the way of Orbax's
-retention and of the next save of that step.
+Never load garbage: each step is vetted before it is used (`jaxtrain.integrity`). A
+damaged step is skipped with a warning and, once the run may write, moved aside to
+`<step>.damaged` for inspection, out of the way of Orbax's retention and of the next save
+of that step.
 """
 
-import json
 import math
 import os
-import re
 import tempfile
 import types
 
 import jax
 import orbax.checkpoint as ocp
-import tensorstore as ts
 from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
 from jaxtrain.errors import ConfigError
+from jaxtrain.integrity import damage, newest_whole_step, reason, steps
 from jaxtrain.sharding import path_str
 
 CHECKPOINT_SUBDIR = "checkpoints"
-_STEP_NAME = re.compile(r"0|[1-9]\d*")  # Orbax's default step directory names
-_COMMIT_MARKER = "commit_success.txt"  # written last, just before the step is renamed in place
 
 
 class CheckpointWriteError(ConfigError):
@@ -62,102 +57,6 @@ def check_config(checkpoint_config) -> None:
         raise ConfigError("config.checkpoint.best_metric must name an eval metric, e.g. 'loss'")
 
 
-def damage(step_dir: str) -> str | None:
-    """Why the checkpoint step in `step_dir` is incomplete or damaged, or None if it is whole.
-
-    Reads metadata only (no array data), so it is cheap, and writes nothing. A file that
-    is damaged inside its bytes but has its full length still passes; `Checkpointer.restore`
-    falls back to an older step when such a file fails to read.
-    """
-    if not os.path.isfile(os.path.join(step_dir, _COMMIT_MARKER)):
-        return f"no commit marker ({_COMMIT_MARKER}): the save never finished"
-    try:
-        _read_json(step_dir, "_CHECKPOINT_METADATA")
-        for item in ("data", "config"):
-            _read_json(step_dir, item, "metadata")
-        if os.path.exists(os.path.join(step_dir, "metrics")):
-            _read_json(step_dir, "metrics", "metrics")
-        if _read_json(step_dir, "state", "_METADATA").get("use_ocdbt", True):
-            return _array_store_damage(os.path.join(step_dir, "state"))
-    except (OSError, ValueError) as e:  # missing, unreadable or not JSON
-        return _reason(e, relative_to=step_dir)
-    return None
-
-
-def _read_json(step_dir: str, *parts: str):
-    with open(os.path.join(step_dir, *parts), encoding="utf-8") as f:
-        try:
-            return json.load(f)
-        except ValueError:
-            raise ValueError(f"{'/'.join(parts)} is not valid JSON") from None
-
-
-def _array_store_damage(state_dir: str) -> str | None:
-    """Walks the OCDBT B-tree and checks each value's file holds the byte range it points at."""
-    store = ts.KvStore.open({"driver": "file", "path": state_dir + "/"}).result()
-    try:
-        manifest = ts.ocdbt.dump(store).result()
-        versions = manifest.get("versions") or [{}]
-        pending = [versions[-1].get("root", {}).get("location")]
-        if pending[0] is None:
-            return "the array store is empty"
-        sizes: dict[str, int] = {}
-        while pending:
-            for entry in ts.ocdbt.dump(store, pending.pop()).result()["entries"]:
-                if "location" in entry:  # an interior node: its children are checked in turn
-                    pending.append(entry["location"])
-                elif "indirect_value" in entry:
-                    # "value:<base>:<relative path>:<offset>:<length>"
-                    file_id, offset, length = entry["indirect_value"].rsplit(":", 2)
-                    path = os.path.join(state_dir, *file_id.split(":", 2)[1:])
-                    if path not in sizes:
-                        sizes[path] = os.path.getsize(path) if os.path.isfile(path) else -1
-                    relative = os.path.relpath(path, os.path.dirname(state_dir))
-                    if sizes[path] < 0:
-                        return f"array file {relative} is missing"
-                    if sizes[path] < int(offset) + int(length):
-                        return f"array file {relative} is truncated ({sizes[path]} bytes)"
-    except ValueError as e:  # tensorstore: a manifest or B-tree node missing or cut short
-        return f"the array index does not read: {_reason(e)}"
-    return None
-
-
-def _reason(error: Exception, relative_to: str | None = None) -> str:
-    """A short reason for an I/O failure from Python, Orbax or TensorStore."""
-    while error.__cause__ is not None:  # Orbax wraps TensorStore's error, which says what broke
-        error = error.__cause__
-    if isinstance(error, OSError) and error.strerror:
-        if not error.filename:
-            return error.strerror
-        name = os.path.relpath(error.filename, relative_to) if relative_to else error.filename
-        return f"{name}: {error.strerror}"
-    code = re.search(r"os_error_code='?(\d+)", str(error))  # TensorStore keeps the errno here
-    if code:
-        return os.strerror(int(code.group(1)))
-    line = (str(error).strip().splitlines() or [""])[0][:200]
-    # TensorStore's errors are ValueErrors whose text starts with a status: NOT_FOUND, ...
-    return line if isinstance(error, ValueError) and line else f"{type(error).__name__}: {line}"
-
-
-def _steps(directory: str) -> list[int]:
-    """Step numbers of the step directories in `directory`, newest first."""
-    if not os.path.isdir(directory):
-        return []
-    names = [n for n in os.listdir(directory) if _STEP_NAME.fullmatch(n)]
-    return sorted((int(n) for n in names), reverse=True)
-
-
-def _newest_whole_step(directory: str, warn: bool = False) -> int | None:
-    for step in _steps(directory):
-        path = os.path.join(directory, str(step))
-        problem = damage(path)
-        if problem is None:
-            return step
-        if warn:
-            logging.warning("skipping checkpoint step %d (%s): %s", step, path, problem)
-    return None
-
-
 def latest_compatible_step(workdir: str, abstract_state) -> int | None:
     """The newest whole checkpoint step in `workdir`, after checking it fits `abstract_state`.
 
@@ -165,26 +64,27 @@ def latest_compatible_step(workdir: str, abstract_state) -> int | None:
     only and writes nothing, so it can run before a run touches its workdir.
 
     Raises:
-      ConfigError: the checkpoint's parameters differ in structure or shape.
+      ConfigError: the checkpoint's model variables (params, model_state) differ in
+        structure or shape.
     """
     directory = checkpoint_dir(workdir)
-    step = _newest_whole_step(directory, warn=True)
+    step = newest_whole_step(directory, warn=True)
     if step is None:
         return None
     saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / "state")
-    saved = getattr(saved, "tree", saved)["params"]
-    want = _shapes(abstract_state.params)
-    have = _shapes(saved)
+    saved = getattr(saved, "tree", saved)
+    parts = ("params", "model_state")
+    want = _shapes({k: getattr(abstract_state, k) for k in parts})
+    have = _shapes({k: saved.get(k, {}) for k in parts})
     problem = None
     for path in sorted(set(want) | set(have)):
         if path not in have:
-            problem = f"params/{path} is in this config's model but not in the checkpoint"
+            problem = f"{path} is in this config's model but not in the checkpoint"
         elif path not in want:
-            problem = f"params/{path} is in the checkpoint but not in this config's model"
+            problem = f"{path} is in the checkpoint but not in this config's model"
         elif have[path] != want[path]:
             problem = (
-                f"params/{path} has shape {have[path]} in the checkpoint but "
-                f"{want[path]} in this config"
+                f"{path} has shape {have[path]} in the checkpoint but {want[path]} in this config"
             )
         if problem:
             raise ConfigError(
@@ -196,7 +96,15 @@ def latest_compatible_step(workdir: str, abstract_state) -> int | None:
 
 def _shapes(tree) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
-    return {path_str(path): tuple(leaf.shape) for path, leaf in leaves}
+    return {path_str(path): _stored_shape(leaf) for path, leaf in leaves}
+
+
+def _stored_shape(leaf) -> tuple:
+    # A typed PRNG key (an RNG stream a model keeps) is stored as its raw key data.
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return tuple(jax.eval_shape(jax.random.key_data, leaf).shape)
+    return tuple(leaf.shape)
 
 
 def _item_handlers():
@@ -273,7 +181,7 @@ class Checkpointer:
                 f"cannot write checkpoints to {self.directory!r}: {e.strerror or e}"
             ) from e
         if jax.process_index() == 0:
-            for step in _steps(self.directory):
+            for step in steps(self.directory):
                 problem = damage(os.path.join(self.directory, str(step)))
                 if problem:
                     self._set_aside(step, problem)
@@ -368,12 +276,12 @@ class Checkpointer:
                 )
             except Exception as e:  # any read failure means: try the step before
                 first_error = first_error or e
-                failed.append((candidate, _reason(e)))
+                failed.append((candidate, reason(e)))
                 logging.warning(
                     "checkpoint step %d (%s) failed to restore, trying the previous one: %s",
                     candidate,
                     os.path.join(self.directory, str(candidate)),
-                    _reason(e),
+                    reason(e),
                 )
                 continue
             # Only now is it clear the failures were the steps' own, not this program's.
@@ -401,9 +309,9 @@ class Checkpointer:
 
     def _write_error(self, step, error: Exception) -> CheckpointWriteError:
         self._failed = True
-        good = _newest_whole_step(self.directory)
+        good = newest_whole_step(self.directory)
         return CheckpointWriteError(
-            f"could not save checkpoint step {step} in {self.directory!r}: {_reason(error)}; "
+            f"could not save checkpoint step {step} in {self.directory!r}: {reason(error)}; "
             + (
                 f"the newest whole checkpoint, step {good}, is intact"
                 if good is not None

@@ -1,7 +1,9 @@
 """The `jaxtrain` command: flags and subcommands. It holds no training logic.
 
-    jaxtrain train --config=configs/gpt_pysource.py[:arg] --workdir=DIR [--config.key=value ...]
-    jaxtrain plan --config=configs/gpt_pysource.py[:arg] --topology=v5p-64 [--json] [...]
+    jaxtrain train --config=gpt_pysource.py[:arg] --workdir=DIR [--config.key=value ...]
+    jaxtrain plan --config=gpt_pysource.py[:arg] --topology=v5p-64 [--json] [...]
+
+`--config` is a config file's path or the name of a bundled config (configs/).
 
 Exit status: 0 done; 2 bad input (a missing config file, an unknown or mistyped override,
 a mesh that does not fit the devices, ...: one line `jaxtrain: error: ...`, and the workdir
@@ -10,10 +12,10 @@ preempted (SIGTERM): a checkpoint of the last step has committed, rerun the same
 """
 
 import difflib
-import os
 import sys
 
-from jaxtrain.config import load_config
+from jaxtrain.config import config_path, load_config
+from jaxtrain.errors import ConfigError
 
 USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
                       [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
@@ -79,8 +81,11 @@ def main(argv: list[str]) -> int:
     spec = _flag_value(args, "config")
     if not spec:
         return _error("--config=FILE.py[:ARG] is required")
-    if not os.path.isfile(spec.partition(":")[0]):
-        return _error(f"config file not found: {spec.partition(':')[0]!r}")
+    try:  # a bundled config's name becomes its path, for config_flags
+        resolved = config_path(spec) + spec[len(spec.partition(":")[0]) :]
+    except ConfigError as e:
+        return _error(e)
+    args = [f"--config={resolved}" if a == f"--config={spec}" else a for a in args]
     if command == "train" and not _flag_value(args, "workdir"):
         return _error("--workdir=DIR is required")
     if command == "plan" and not _flag_value(args, "topology"):
@@ -136,7 +141,6 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # absl flag errors, unknown config keys, bad values
         return _error(_diagnose(args, e))
 
-    from jaxtrain.errors import ConfigError
     from jaxtrain.nonfinite import EXIT_NONFINITE, NonFiniteError
     from jaxtrain.preemption import EXIT_PREEMPTED, Preempted
 
@@ -146,9 +150,10 @@ def main(argv: list[str]) -> int:
             from jaxtrain.train import train_and_evaluate
 
             # First: jax sizes its backend to the whole job when the backend starts.
-            distributed.initialize(
+            if distributed.initialize(
                 flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
-            )
+            ):
+                print(distributed.describe(), flush=True)  # each host's log says which it is
             try:
                 train_and_evaluate(flag_values.config, flag_values.workdir)
             except Preempted as e:

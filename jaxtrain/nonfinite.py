@@ -98,7 +98,9 @@ class NonFinitePolicy:
     def _abort(self, step, what, local_batch, loss):
         stem = os.path.join(self._workdir, f"nonfinite_step{step}")
         batch_file = f"{stem}.process{jax.process_index()}.npz"
-        np.savez(batch_file, **local_batch)  # this process's rows, as the pipeline made them
+        # This process's rows, as the pipeline made them.
+        flat = jax.tree_util.tree_flatten_with_path(local_batch)[0]
+        np.savez(batch_file, **{path_str(path): np.asarray(x) for path, x in flat})
         if jax.process_index() == 0:
             with open(f"{stem}.json", "w", encoding="utf-8") as f:
                 json.dump(

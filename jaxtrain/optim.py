@@ -41,3 +41,19 @@ def make_optimizer(optim_config, schedule: optax.Schedule) -> optax.GradientTran
             mask=_decay_mask,
         ),
     )
+
+
+def optimizer_and_schedule(config, custom=None):
+    """The optimizer of a run and its learning-rate schedule.
+
+    Args:
+      config: the run config (`optim` and `num_train_steps`).
+      custom: `schedule -> optax.GradientTransformation` (a task's own optimizer), or
+        None for `make_optimizer(config.optim, schedule)`.
+
+    Returns:
+      (optimizer, schedule).
+    """
+    schedule = make_schedule(config.optim, config.num_train_steps)
+    tx = custom(schedule) if custom else make_optimizer(config.optim, schedule)
+    return tx, schedule

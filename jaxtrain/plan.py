@@ -39,35 +39,12 @@ import re
 import jax
 import jax.numpy as jnp
 
-from jaxtrain import metrics, precision, sharding, state
+from jaxtrain import config as config_lib
+from jaxtrain import data, hlo, metrics, optim, precision, sharding, steps
+from jaxtrain import state as state_lib
+from jaxtrain import tasks as tasks_lib
 from jaxtrain.errors import ConfigError
-
-GiB = 2**30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-    """One accelerator (one JAX device) of a topology."""
-
-    platform: str  # "tpu", "gpu" or "cpu"
-    memory_bytes: int | None  # per device; None: no limit worth checking (CPU)
-    device_kind: str | None = None  # jax's device_kind prefix; keys metrics.PEAK_BF16_FLOPS
-    cores_per_device: int = 1  # TensorCores the topology name counts per device
-    tpu_name: str = ""  # libtpu's name for the generation ("v5e" in "v5e:4x4")
-
-
-# Memory from the vendors' spec sheets: TPU HBM in GiB, GPU memory in (decimal) GB.
-CHIPS = {
-    "v4": Chip("tpu", 32 * GiB, "TPU v4", cores_per_device=2, tpu_name="v4"),
-    "v5e": Chip("tpu", 16 * GiB, "TPU v5 lite", tpu_name="v5e"),
-    "v5p": Chip("tpu", 95 * GiB, "TPU v5p", cores_per_device=2, tpu_name="v5"),
-    "v6e": Chip("tpu", 32 * GiB, "TPU v6 lite", tpu_name="v6e"),
-    "h100": Chip("gpu", 80 * 10**9, "NVIDIA H100"),
-    "h200": Chip("gpu", 141 * 10**9, "NVIDIA H200"),
-    "a100": Chip("gpu", 80 * 10**9, "NVIDIA A100"),
-    "a100_40gb": Chip("gpu", 40 * 10**9, "NVIDIA A100"),
-    "cpu": Chip("cpu", None),
-}
+from jaxtrain.hardware import CHIPS, Chip, GiB
 
 _TOPOLOGY = re.compile(
     r"(?P<chip>[a-z][a-z0-9_]*?)(?:-(?P<count>\d+)|x(?P<gpus>\d+)(?:x(?P<hosts>\d+))?)"
@@ -153,7 +130,8 @@ def target_devices(topology: Topology) -> tuple[list, str, list[str]]:
         attached = [
             d
             for d in jax.devices()
-            if d.platform == chip.platform and d.device_kind.startswith(chip.device_kind)
+            if d.platform == chip.platform
+            and any(d.device_kind.startswith(kind) for kind in chip.device_kinds)
         ]
         if len(attached) >= n:
             return attached[:n], "attached", notes
@@ -212,13 +190,18 @@ def config_for_platform(config, platform: str):
     return config
 
 
-def make_plan(config, topology: str | Topology, *, chips: dict[str, Chip] | None = None) -> dict:
+def make_plan(
+    config, topology: str | Topology, *, task=None, chips: dict[str, Chip] | None = None
+) -> dict:
     """Compiles the train step for `topology` and says what it needs per device.
 
     Args:
       config: a run config (see configs/); its mesh is resolved against the topology.
       topology: a topology name (see the module docstring) or a parsed Topology.
-      chips: the chip table for names; CHIPS by default.
+      task: what to train; by default the task `config.task` names (built after "auto"
+        dtypes are resolved for the target). Its data is not loaded when it gives
+        `example`.
+      chips: the chip table for names; `jaxtrain.hardware.CHIPS` by default.
 
     Returns:
       A JSON-serialisable dict: the topology, where it was compiled, the mesh, per-device
@@ -234,19 +217,27 @@ def make_plan(config, topology: str | Topology, *, chips: dict[str, Chip] | None
     chip = topology.chip
     devices, source, notes = target_devices(topology)
     config = config_for_platform(config, chip.platform)
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = tuple(tuple(rule) for rule in config.rules)
-    sharding.check_batch_split(config.global_batch_size, config.microbatches, mesh, rules)
-    setup = state.make_setup(config, mesh)  # also checks the weights divide over their axes
+    config_lib.validate(config)
+    task = task or tasks_lib.from_config(config)
+    mesh, rules = sharding.mesh_and_rules(config, devices)
+    tx, _ = optim.optimizer_and_schedule(config, task.optimizer)
+    layout = state_lib.make_state_layout(task.model, tx, mesh, rules, trainable=task.trainable)
+    example = task.example or data.example_spec(data.as_dataset(task.data))
+    batch = data.abstract_batch(
+        example,
+        config.global_batch_size,
+        data.batch_shardings(example, mesh, rules, task.batch_axes),
+    )
     with jax.set_mesh(mesh), sharding.use_rules(rules):
-        compiled = state.compile_train_step(setup)
-    stats = metrics.compiled_stats(compiled)
+        train_step = steps.make_train_step(task.loss, layout, microbatches=config.microbatches)
+        compiled = steps.compile_train_step(train_step, layout, batch)
+    stats = hlo.compiled_stats(compiled)
 
-    abstract_params = setup.abstract_state.params
     memory = {
-        "parameters": per_device_bytes(abstract_params),
-        "optimizer_state": per_device_bytes(setup.abstract_state.opt_state),
-        "batch": per_device_bytes(setup.abstract_batch),
+        "parameters": per_device_bytes(layout.abstract_state.params),
+        "optimizer_state": per_device_bytes(layout.abstract_state.opt_state),
+        "model_state": per_device_bytes(layout.abstract_state.model_state),
+        "batch": per_device_bytes(batch),
     }
     for key, stat in (
         ("arguments", "argument_size_in_bytes"),
@@ -267,8 +258,10 @@ def make_plan(config, topology: str | Topology, *, chips: dict[str, Chip] | None
     memory["capacity"] = chip.memory_bytes
     memory["fits"] = None if chip.memory_bytes is None else memory["total"] <= chip.memory_bytes
 
-    flops, flops_source = state.flops_per_device_step(setup, topology.num_devices, stats)
-    peak = metrics.PEAK_BF16_FLOPS.get(chip.device_kind) if chip.device_kind else None
+    flops, flops_source = steps.flops_per_device_step(
+        task.flops_per_example, layout, config.global_batch_size, stats
+    )
+    peak = chip.peak_bf16_flops
     if source == "cpu-simulated" and chip.platform != "cpu":
         notes.append(
             f"compiled by XLA:CPU on {topology.num_devices} simulated devices: temporaries "
@@ -292,8 +285,8 @@ def make_plan(config, topology: str | Topology, *, chips: dict[str, Chip] | None
         "num_devices": topology.num_devices,
         "num_hosts": topology.num_hosts,
         "source": source,
-        "model": config.model.name,
-        "num_parameters": sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_params)),
+        "model": task.name,
+        "num_parameters": layout.num_parameters,
         "mesh": dict(mesh.shape),
         "compute_dtype": config.precision.compute_dtype,
         "global_batch_size": config.global_batch_size,
@@ -304,7 +297,7 @@ def make_plan(config, topology: str | Topology, *, chips: dict[str, Chip] | None
         "step_time_s": (
             {"mfu_100": flops / peak, "mfu_40": flops / (0.4 * peak)} if flops and peak else None
         ),
-        "collectives": count_collectives(hlo_text),
+        "collectives": hlo.count_collectives(hlo_text),
         "notes": notes,
     }
 
@@ -315,92 +308,6 @@ def per_device_bytes(abstract_tree) -> int:
         math.prod(leaf.sharding.shard_shape(leaf.shape)) * jnp.dtype(leaf.dtype).itemsize
         for leaf in jax.tree.leaves(abstract_tree)
     )
-
-
-COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_ARRAY_SHAPE = re.compile(r"\b(?P<dtype>pred|[a-z]+\d+[a-z0-9]*)\[(?P<dims>[\d,<=]*)\]")
-
-
-def count_collectives(hlo_text: str) -> dict[str, dict[str, int]]:
-    """Collectives one step runs, from compiled (partitioned) HLO text, and their bytes.
-
-    Walks the calls from the entry computation, so a collective in a loop with a known
-    trip count (a scan over layers) counts once per iteration; one in a loop of unknown
-    trip count or in a conditional branch counts once. An async pair counts once, by its
-    `-done` half, whose result is the collective's output (the `-start` half's tuple also
-    holds the inputs).
-
-    Returns:
-      {op: {"count": executions, "bytes": their result sizes per device, summed}} for each
-      op in COLLECTIVES that occurs.
-    """
-    computations: dict[str, list[tuple[str, str, str]]] = {}
-    entry, body = None, computations.setdefault("", [])
-    for line in hlo_text.splitlines():
-        if line.rstrip().endswith("{") and " = " not in line:  # a computation's header
-            name = line.split("(", 1)[0].split()[-1].lstrip("%")
-            body = computations.setdefault(name, [])
-            entry = name if line.lstrip().startswith("ENTRY") else entry
-        elif parsed := _instruction(line):
-            body.append((*parsed, line))
-    found: dict[str, dict[str, int]] = {}
-
-    def walk(name: str, times: int) -> None:
-        for shape, opcode, line in computations.get(name, ()):
-            op = opcode.removesuffix("-done")
-            if op in COLLECTIVES:
-                counts = found.setdefault(op, {"count": 0, "bytes": 0})
-                counts["count"] += times
-                counts["bytes"] += times * _shape_bytes(shape)
-            if opcode in ("async-update", "async-done"):
-                continue  # the same wrapped computation as its async-start: walked there
-            trips = _TRIP_COUNT.search(line) if opcode == "while" else None
-            for key, callee in _CALLEE.findall(line):
-                walk(callee, times * (int(trips[1]) if trips and key == "body" else 1))
-            for branches in _BRANCHES.findall(line):
-                for callee in re.findall(r"[\w.\-]+", branches):
-                    walk(callee, times)
-
-    for root in [entry] if entry else list(computations):  # no ENTRY: each line once
-        walk(root, 1)
-    return {op: found[op] for op in COLLECTIVES if op in found}
-
-
-_CALLEE = re.compile(
-    r"\b(body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
-)
-_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"')
-
-
-def _instruction(line: str) -> tuple[str, str] | None:
-    """(result shape, opcode) of an HLO instruction line `%name = SHAPE opcode(...)...`."""
-    _, assign, rest = line.partition(" = ")
-    if not assign:
-        return None
-    rest = rest.lstrip()
-    if rest.startswith("("):  # a tuple shape; layouts inside may hold parentheses too
-        depth, end = 0, 0
-        while True:
-            depth += (rest[end] == "(") - (rest[end] == ")")
-            end += 1
-            if depth == 0 or end == len(rest):
-                break
-        shape, rest = rest[:end], rest[end:]
-    else:
-        shape, _, rest = rest.partition(" ")
-    return shape, rest.lstrip().split("(", 1)[0]
-
-
-def _shape_bytes(shape: str) -> int:
-    """Bytes of an HLO result shape such as `f32[4,32]{1,0}` or a tuple of them."""
-    total = 0
-    for array in _ARRAY_SHAPE.finditer(shape):
-        dtype = array["dtype"]
-        bits = 8 if dtype == "pred" else int(re.search(r"\d+", dtype).group())
-        dims = [int(d.removeprefix("<=")) for d in array["dims"].split(",") if d]
-        total += math.prod(dims) * bits // 8
-    return total
 
 
 def to_json(plan: dict) -> str:

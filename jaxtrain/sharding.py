@@ -1,10 +1,11 @@
 """Device mesh and logical-axis sharding.
 
 Parameters and activations name their dimensions with *logical* axes ("embed", "mlp",
-"activation_batch", ...). The config's `rules` table maps each logical axis to zero or
-more *mesh* axes, so changing the parallelism strategy is a config edit:
+"activation_batch", ...). A `Rules` table maps each logical axis to zero or more *mesh*
+axes, so changing the parallelism strategy is a config edit:
 
-    rules = (("embed", "fsdp"), ("mlp", "tensor"), ("activation_batch", ("data", "fsdp")))
+    rules = Rules((("embed", "fsdp"), ("mlp", "tensor"), ("activation_batch", ("data", "fsdp"))))
+    rules.spec(("embed", "mlp"))  # PartitionSpec('fsdp', 'tensor')
 """
 
 import contextlib
@@ -21,6 +22,69 @@ from jaxtrain.errors import ConfigError
 # Canonical order, outermost first: `tensor` is innermost so that its collectives run
 # between neighbouring devices (the fastest links on TPU ICI and within an NVLink domain).
 MESH_AXES = ("data", "fsdp", "sequence", "tensor")
+
+# The logical axis of the leading (example) dimension of every input batch array.
+BATCH_AXIS = "activation_batch"
+
+
+class Rules:
+    """A logical-axis rules table, checked once: logical axis name -> tuple of mesh axes.
+
+    Args:
+      rules: pairs `(logical_name, mesh_axes)`, mesh_axes a mesh axis name, a tuple of
+        them, or None (replicated); or another Rules.
+
+    Raises:
+      ConfigError: a rule names a mesh axis that is not one of MESH_AXES.
+    """
+
+    def __init__(self, rules):
+        if isinstance(rules, Rules):
+            self.table = dict(rules.table)
+            return
+        self.table: dict[str, tuple[str, ...]] = {}
+        for name, axes in rules:
+            axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+            unknown = [a for a in axes if a not in MESH_AXES]
+            if unknown:
+                raise ConfigError(
+                    f"config.rules maps {name!r} to unknown mesh axis {unknown[0]!r}; "
+                    f"axes are {MESH_AXES}"
+                )
+            self.table[name] = axes
+
+    def spec(self, logical_axes: Sequence[str | None], where: str = "") -> PartitionSpec:
+        """Maps one logical name (or None: replicated) per dimension to a PartitionSpec.
+
+        A mesh axis is used at most once per spec: if two dimensions map to the same mesh
+        axis, the first one keeps it and the later one drops it (as Flax and MaxText do).
+
+        Args:
+          logical_axes: the logical names, one per dimension.
+          where: what the spec belongs to, for the error message.
+
+        Raises:
+          ConfigError: a logical name has no rule.
+        """
+        used: set[str] = set()
+        spec = []
+        for name in logical_axes:
+            if name is None:
+                spec.append(None)
+                continue
+            if name not in self.table:
+                place = f" (used by {where})" if where else ""
+                raise ConfigError(
+                    f"logical axis {name!r}{place} has no entry in config.rules; "
+                    f"known: {sorted(self.table)}"
+                )
+            axes = tuple(a for a in self.table[name] if a not in used)
+            used.update(axes)
+            spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return PartitionSpec(*spec)
+
+    def __repr__(self) -> str:
+        return f"Rules({tuple(self.table.items())})"
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
@@ -67,7 +131,7 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds the device mesh from config, with every axis in `Auto` (GSPMD) mode.
 
     Args:
-      mesh_config: see `mesh_shape`.
+      mesh_config: see `mesh_shape`, e.g. `{"data": -1, "tensor": 2}`.
       devices: the devices to use; all global devices by default.
 
     Returns:
@@ -85,70 +149,32 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(device_array, tuple(shape), axis_types=axis_types)
 
 
+def mesh_and_rules(config, devices: Sequence[jax.Device] | None = None) -> tuple[Mesh, Rules]:
+    """The mesh and rules of a run config, after checking its global batch splits over both.
+
+    The one start-up that `train_and_evaluate` and `jaxtrain plan` share.
+
+    Raises:
+      ConfigError: a bad mesh or rule, or a batch the mesh, the microbatches or the
+        processes do not divide.
+    """
+    mesh = make_mesh(config.mesh, devices)
+    rules = Rules(config.rules)
+    check_batch_split(config.global_batch_size, config.microbatches, mesh, rules)
+    return mesh, rules
+
+
 def _fmt(shape) -> str:
     return "(" + ", ".join(f"{k}={v}" for k, v in shape.items()) + ")"
 
 
-def logical_to_mesh_spec(logical_axes, rules, where: str = "") -> PartitionSpec:
-    """Maps a tuple of logical axis names to a PartitionSpec over mesh axes.
-
-    A mesh axis is used at most once per spec: if two dimensions map to the same mesh
-    axis, the first one keeps it and the later one drops it (as Flax/MaxText do).
-
-    Args:
-      logical_axes: one logical name (or None for "replicated") per dimension.
-      rules: sequence of `(logical_name, mesh_axes)`, mesh_axes a name, a tuple of
-        names, or None.
-      where: what the spec belongs to, for the error message.
-
-    Returns:
-      The PartitionSpec.
-
-    Raises:
-      ConfigError: a logical name has no rule.
-    """
-    table = dict(_normalise_rules(rules))
-    used: set[str] = set()
-    spec = []
-    for name in logical_axes:
-        if name is None:
-            spec.append(None)
-            continue
-        if name not in table:
-            place = f" (used by {where})" if where else ""
-            raise ConfigError(
-                f"logical axis {name!r}{place} has no entry in config.rules; known: {sorted(table)}"
-            )
-        axes = tuple(a for a in table[name] if a not in used)
-        used.update(axes)
-        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
-    return PartitionSpec(*spec)
-
-
-def _normalise_rules(rules):
-    for entry in rules:
-        name, axes = entry
-        if axes is None:
-            axes = ()
-        elif isinstance(axes, str):
-            axes = (axes,)
-        unknown = [a for a in axes if a not in MESH_AXES]
-        if unknown:
-            raise ConfigError(
-                f"config.rules maps {name!r} to unknown mesh axis {unknown[0]!r}; "
-                f"axes are {MESH_AXES}"
-            )
-        yield name, tuple(axes)
-
-
-def named_shardings(logical_specs, mesh: Mesh, rules):
-    """Maps a pytree of logical PartitionSpecs (with `/`-joined paths) to NamedShardings."""
+def named_shardings(logical_specs, mesh: Mesh, rules: Rules):
+    """Maps a pytree of logical PartitionSpecs to NamedShardings (errors name the path)."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(
         logical_specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
     )
     shardings = [
-        NamedSharding(mesh, logical_to_mesh_spec(spec, rules, where=path_str(path)))
-        for path, spec in leaves
+        NamedSharding(mesh, rules.spec(spec, where=path_str(path))) for path, spec in leaves
     ]
     return jax.tree_util.tree_unflatten(treedef, shardings)
 
@@ -169,18 +195,18 @@ def path_str(path) -> str:
 # Activation constraints. Models call `constrain(x, names)` at block boundaries; it is a
 # no-op unless a mesh is set (`jax.set_mesh`) and rules are active (`use_rules`), so the
 # models also run unsharded in a notebook or someone else's code.
-class _Rules(threading.local):
-    rules: tuple = ()
+class _Active(threading.local):
+    rules: Rules | None = None
 
 
-_ACTIVE = _Rules()
+_ACTIVE = _Active()
 
 
 @contextlib.contextmanager
-def use_rules(rules):
-    """Activates a logical-axis rules table for `constrain` while tracing."""
+def use_rules(rules: Rules | None):
+    """Activates a rules table for `constrain` while tracing (None: constraints off)."""
     previous = _ACTIVE.rules
-    _ACTIVE.rules = tuple(tuple(r) for r in rules)
+    _ACTIVE.rules = None if rules is None else Rules(rules)
     try:
         yield
     finally:
@@ -189,20 +215,20 @@ def use_rules(rules):
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
     """Constrains an activation's sharding by logical axis names (no-op without a mesh)."""
-    if not _ACTIVE.rules or jax.sharding.get_abstract_mesh().empty:
+    rules = _ACTIVE.rules
+    if rules is None or not rules.table or jax.sharding.get_abstract_mesh().empty:
         return x
-    spec = logical_to_mesh_spec(logical_axes, _ACTIVE.rules)
-    return jax.lax.with_sharding_constraint(x, spec)
+    return jax.lax.with_sharding_constraint(x, rules.spec(logical_axes))
 
 
-def batch_sharding(mesh: Mesh, rules) -> NamedSharding:
-    """Input batches: leading dimension split as the rules map "activation_batch"."""
-    return NamedSharding(mesh, logical_to_mesh_spec(("activation_batch",), rules))
+def batch_axes(ndim: int) -> tuple[str | None, ...]:
+    """Default logical axes of a batch array: examples split, the other dimensions whole."""
+    return (BATCH_AXIS,) + (None,) * (ndim - 1)
 
 
-def data_parallel_size(mesh: Mesh, rules) -> int:
-    """How many ways the global batch is split (product of the batch's mesh axes)."""
-    axes = logical_to_mesh_spec(("activation_batch",), rules)[0] or ()
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the global batch is split (product of the batch axis's mesh axes)."""
+    axes = rules.spec((BATCH_AXIS,))[0] or ()
     axes = (axes,) if isinstance(axes, str) else axes
     return math.prod(mesh.shape[a] for a in axes)
 
@@ -216,7 +242,7 @@ def check_divisible(abstract_tree, what: str = "parameter") -> None:
 
     Args:
       abstract_tree: a pytree of `jax.ShapeDtypeStruct` (or arrays) carrying a
-        NamedSharding, such as `Setup.abstract_state`; leaves without one are skipped.
+        NamedSharding; leaves without one are skipped.
       what: what the leaves are, for the message ("parameter", "batch array", ...).
 
     Raises:
@@ -241,8 +267,9 @@ def check_divisible(abstract_tree, what: str = "parameter") -> None:
                 )
 
 
-def check_batch_split(global_batch_size: int, microbatches: int, mesh: Mesh, rules) -> None:
-    """Checks that a global batch splits over the data-parallel devices and its microbatches.
+def check_batch_split(global_batch_size: int, microbatches: int, mesh: Mesh, rules: Rules) -> None:
+    """Checks that a global batch splits over the data-parallel devices, its microbatches
+    and the processes.
 
     Raises:
       ConfigError: naming the batch, the split and the batch's mesh axes.
@@ -251,12 +278,16 @@ def check_batch_split(global_batch_size: int, microbatches: int, mesh: Mesh, rul
     if global_batch_size % split:
         raise ConfigError(
             f"config.global_batch_size={global_batch_size} is not divisible by the "
-            f"{split} ways the mesh splits a batch "
-            f"(over {logical_to_mesh_spec(('activation_batch',), rules)[0]})"
+            f"{split} ways the mesh splits a batch (over {rules.spec((BATCH_AXIS,))[0]})"
         )
     if global_batch_size % (split * microbatches):
         raise ConfigError(
             f"config.global_batch_size={global_batch_size} does not split into "
             f"config.microbatches={microbatches} parts of a multiple of {split} "
             "(the data-parallel size)"
+        )
+    if global_batch_size % jax.process_count():
+        raise ConfigError(
+            f"config.global_batch_size={global_batch_size} is not divisible "
+            f"by the {jax.process_count()} processes"
         )

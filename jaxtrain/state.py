@@ -1,83 +1,143 @@
-"""The train state's structure and layout, built from config without touching devices.
+"""The train state, its abstract shape and sharded layout, and sharded initialisation.
 
-`make_setup(config, mesh)` gives everything needed to create, restore, compile and plan
-a run: the model's graph definition, the optimizer, the abstract (shape + sharding) train
-state, and the input batch's abstract shape. Nothing here allocates device memory, so the
-same code sizes a run for hardware that is not attached (`jaxtrain plan`).
+    layout = make_state_layout(model_fn, tx, mesh, rules)   # no device memory yet
+    state = create_state(layout, seed)                      # created already sharded
+
+`TrainState` holds only arrays in nested dicts (no NNX objects), so Orbax saves and
+restores it directly and another program can read it back; `layout.merge` turns its
+variables back into the NNX model.
 """
 
 import dataclasses
+import math
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from absl import logging
+from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtrain import models, optim, precision, sharding, steps
+from jaxtrain.sharding import Rules, check_divisible, named_shardings, path_str
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a run carries from step to step, as arrays (a pytree)."""
+
+    step: jax.Array  # int32 scalar: optimizer updates applied so far
+    params: Any  # the trainable variables, nested dicts (nnx.to_pure_dict)
+    opt_state: Any  # optax state, mirroring params
+    model_state: Any  # the model's other variables: frozen parameters, BatchNorm
+    # statistics, its own RNG streams, any other nnx.Variable; nested dicts
+    rng: jax.Array  # uint32 raw key data; each step's keys are folded in from the step
+    skipped: jax.Array  # int32 scalar: steps whose update was dropped as non-finite
+
+
+def _not_kept(trainable):
+    # What a forward pass sows (nnx.Intermediate) is the loss's to read, never carried on.
+    return nnx.All(nnx.Not(trainable), nnx.Not(nnx.Intermediate))
 
 
 @dataclasses.dataclass(frozen=True)
-class Setup:
-    """What a run is made of, before any array exists."""
+class StateLayout:
+    """A run's train state before any array exists: structure, shapes, dtypes, shardings.
 
-    task: str  # "classification" or "lm"
-    microbatches: int  # gradient accumulation: sequential parts per global batch
-    inject_nonfinite_at: tuple  # steps whose gradients are made NaN (testing the policy)
-    model_flops_per_step: float | None  # MFU's numerator, all devices; None: no formula
+    Attributes:
+      graphdef: the model's static structure (from `nnx.split`).
+      tx: the optimizer.
+      trainable: the NNX filter of the variables in `params`; the rest (less sown
+        intermediates) are `model_state`.
+      abstract_state: a TrainState of ShapeDtypeStruct leaves carrying their shardings.
+      shardings: a TrainState of NamedSharding leaves.
+      init: `rng -> TrainState`, pure: jit it with `out_shardings=shardings` (see
+        `create_state`).
+      num_parameters: how many values the model's parameters hold, trainable or not.
+    """
+
     graphdef: nnx.GraphDef
     tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    init: Callable  # rng -> TrainState, pure: jit it with out_shardings=state_shardings
-    state_shardings: steps.TrainState  # NamedSharding leaves
-    abstract_state: steps.TrainState  # ShapeDtypeStruct leaves carrying their shardings
-    batch_sharding: NamedSharding
-    abstract_batch: dict  # ShapeDtypeStruct per batch key, global shapes
+    trainable: Any
+    abstract_state: TrainState
+    shardings: TrainState
+    init: Callable[[jax.Array], TrainState]
+    num_parameters: int
+
+    @property
+    def mesh(self) -> Mesh:
+        return self.shardings.step.mesh
+
+    def merge(self, params, model_state) -> nnx.Module:
+        """The NNX model holding these variables (inside or outside jit)."""
+        return nnx.merge(self.graphdef, params, model_state)
+
+    def split(self, model: nnx.Module) -> tuple[Any, Any]:
+        """(params, model_state) of a model as nested dicts: the inverse of `merge`."""
+        return (
+            nnx.to_pure_dict(nnx.state(model, self.trainable)),
+            nnx.to_pure_dict(nnx.state(model, _not_kept(self.trainable))),
+        )
 
 
-def make_setup(config, mesh: Mesh) -> Setup:
-    """Builds the abstract run for `config` on `mesh`.
+def make_state_layout(
+    model: Callable[[nnx.Rngs], nnx.Module],
+    tx: optax.GradientTransformation,
+    mesh: Mesh,
+    rules,
+    *,
+    trainable=nnx.Param,
+) -> StateLayout:
+    """Traces the model and optimizer abstractly and lays their state out over `mesh`.
+
+    Every variable's sharding comes from its logical axis names through `rules`; one
+    without names is replicated. A parameter of two or more dimensions without names gets
+    one warning naming all such (an unsharded matrix defeats FSDP and tensor parallelism);
+    vectors and scalars (biases, norm scales) are small and replicated silently.
+    Optimizer moments take their parameter's sharding; counters are replicated.
+
+    Args:
+      model: `rngs -> nnx.Module`. Its `rngs` serves any stream name.
+      tx: the optimizer.
+      mesh: the device mesh.
+      rules: logical-axis rules (a Rules or pairs).
+      trainable: an NNX filter of the variables the optimizer updates.
 
     Raises:
-      ConfigError: unknown model, bad model fields, a logical axis without a rule.
+      ConfigError: a logical axis without a rule, or a weight its mesh axes do not divide.
     """
-    rules = tuple(tuple(rule) for rule in config.rules)
-    task = models.model_class(config.model.name).task
-    compute_dtype, param_dtype = precision.dtypes(config.precision, mesh.devices.flat[0].platform)
+    rules = Rules(rules)
 
-    def create_model(rng):
+    def build(rng) -> nnx.Module:
+        params_rng, dropout_rng, other_rng = jax.random.split(rng, 3)
         # Shardings come from our rules table through jit's out_shardings, not from Flax.
         with nnx.use_eager_sharding(False):
-            return models.make_model(
-                config.model,
-                dtype=compute_dtype,
-                param_dtype=param_dtype,
-                rngs=nnx.Rngs(params=rng),
-            )
+            return model(nnx.Rngs(other_rng, params=params_rng, dropout=dropout_rng))
 
-    abstract_model = nnx.eval_shape(lambda: create_model(jax.random.key(0)))
-    graphdef, abstract_params = nnx.split(abstract_model, nnx.Param)
-    param_shardings = sharding.named_shardings(
-        nnx.to_pure_dict(nnx.get_partition_spec(abstract_params)), mesh, rules
+    abstract_model = nnx.eval_shape(lambda: build(jax.random.key(0)))
+    graphdef, abstract_params, abstract_rest = nnx.split(
+        abstract_model, trainable, _not_kept(trainable)
     )
-    schedule = optim.make_schedule(config.optim, config.num_train_steps)
-    tx = optim.make_optimizer(config.optim, schedule)
+    _warn_unnamed(abstract_model)
+    param_shardings = _variable_shardings(abstract_params, mesh, rules)
+    rest_shardings = _variable_shardings(abstract_rest, mesh, rules)
 
-    def init(rng) -> steps.TrainState:
-        params_rng, dropout_rng = jax.random.split(rng)
-        params = nnx.to_pure_dict(nnx.state(create_model(params_rng), nnx.Param))
-        return steps.TrainState(
+    def init(rng) -> TrainState:
+        model_rng, step_rng = jax.random.split(rng)
+        _, params, rest = nnx.split(build(model_rng), trainable, _not_kept(trainable))
+        params = nnx.to_pure_dict(params)
+        return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
-            rng=jax.random.key_data(dropout_rng),
+            model_state=nnx.to_pure_dict(rest),
+            rng=jax.random.key_data(step_rng),
             skipped=jnp.zeros((), jnp.int32),
         )
 
     replicated = NamedSharding(mesh, PartitionSpec())
     shapes = jax.eval_shape(init, jax.random.key(0))
-    # Optimizer moments take their parameter's sharding; counters are replicated.
     opt_shardings = optax.tree_map_params(
         tx,
         lambda _, s: s,
@@ -86,98 +146,64 @@ def make_setup(config, mesh: Mesh) -> Setup:
         transform_non_params=lambda _: replicated,
         is_leaf=lambda x: isinstance(x, NamedSharding),
     )
-    state_shardings = steps.TrainState(
+    shardings = TrainState(
         step=replicated,
         params=param_shardings,
         opt_state=opt_shardings,
+        model_state=rest_shardings,
         rng=replicated,
         skipped=replicated,
     )
-    batch_sharding = sharding.batch_sharding(mesh, rules)
     abstract_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, state_shardings
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings
     )
     # A weight its mesh axes do not divide: one line naming it, not jit's IndivisibleError.
-    sharding.check_divisible(abstract_state.params)
-    per_example = models.train_flops_per_example(config, shapes.params)
-    return Setup(
-        task=task,
-        microbatches=config.microbatches,
-        inject_nonfinite_at=tuple(config.nonfinite.inject_at_steps),
-        model_flops_per_step=(
-            None if per_example is None else per_example * config.global_batch_size
-        ),
-        graphdef=graphdef,
-        tx=tx,
-        schedule=schedule,
-        init=init,
-        state_shardings=state_shardings,
-        abstract_state=abstract_state,
-        batch_sharding=batch_sharding,
-        abstract_batch={
-            k: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sharding)
-            for k, (shape, dtype) in batch_shapes(config, task).items()
-        },
+    check_divisible(abstract_state.params)
+    check_divisible(abstract_state.model_state, what="model variable")
+    num_parameters = sum(
+        math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_model, nnx.Param))
     )
+    return StateLayout(graphdef, tx, trainable, abstract_state, shardings, init, num_parameters)
 
 
-def batch_shapes(config, task: str) -> dict[str, tuple[tuple[int, ...], jnp.dtype]]:
-    """Global shape and dtype of each training batch array, as the input pipeline makes them."""
-    batch = config.global_batch_size
-    if task == "lm":
-        tokens = ((batch, config.data.seq_len), jnp.dtype(jnp.int32))
-        return {"inputs": tokens, "targets": tokens}
-    return {
-        "inputs": ((batch, *config.model.image_shape), jnp.dtype(jnp.uint8)),
-        "targets": ((batch,), jnp.dtype(jnp.int32)),
-    }
+def _variable_shardings(abstract_variables: nnx.State, mesh: Mesh, rules: Rules):
+    """NamedShardings from the variables' logical names (none: replicated)."""
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_variables))
+    specs = jax.tree.map(
+        lambda spec: spec if isinstance(spec, PartitionSpec) else PartitionSpec(),
+        specs,
+        is_leaf=lambda x: isinstance(x, PartitionSpec),
+    )
+    return named_shardings(specs, mesh, rules)
 
 
-def create_state(setup: Setup, seed: int) -> steps.TrainState:
-    """A freshly initialised state, created directly in its sharded layout on the mesh."""
-    return jax.jit(setup.init, out_shardings=setup.state_shardings)(jax.random.key(seed))
-
-
-def compile_train_step(setup: Setup):
-    """The train step, compiled ahead of time for the setup's shardings (state donated)."""
-    replicated = NamedSharding(setup.batch_sharding.mesh, PartitionSpec())
-    return (
-        jax.jit(
-            steps.make_train_step(
-                setup.graphdef,
-                setup.tx,
-                setup.schedule,
-                setup.microbatches,
-                setup.inject_nonfinite_at,
-            ),
-            in_shardings=(setup.state_shardings, setup.batch_sharding),
-            out_shardings=(setup.state_shardings, replicated),
-            donate_argnums=(0,),
+def _warn_unnamed(abstract_model: nnx.Module) -> None:
+    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
+    values = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
+    unnamed = [
+        path_str(path)
+        for (path, spec), value in zip(
+            jax.tree_util.tree_flatten_with_path(
+                specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
+            )[0],
+            jax.tree.leaves(values),
+            strict=True,
         )
-        .lower(setup.abstract_state, setup.abstract_batch)
-        .compile()
-    )
+        if value.ndim >= 2 and len(spec) != value.ndim
+    ]
+    if unnamed:
+        shown = ", ".join(unnamed[:8]) + (
+            f" and {len(unnamed) - 8} more" if len(unnamed) > 8 else ""
+        )
+        logging.warning(
+            "%d weight matrices have no logical axis names and are replicated on every device: %s "
+            "(name them with nnx.with_partitioning or kernel_metadata={'out_sharding': ...} "
+            "to shard them)",
+            len(unnamed),
+            shown,
+        )
 
 
-def jit_eval_step(setup: Setup):
-    """The eval step, jitted for the setup's shardings; its running totals are donated."""
-    replicated = NamedSharding(setup.batch_sharding.mesh, PartitionSpec())
-    return jax.jit(
-        steps.make_eval_step(setup.graphdef),
-        in_shardings=(setup.state_shardings.params, setup.batch_sharding, replicated),
-        out_shardings=replicated,
-        donate_argnums=(2,),
-    )
-
-
-def flops_per_device_step(setup: Setup, num_devices: int, compiled_stats: dict):
-    """(FLOPs per device per step, where the number comes from) for MFU and step-time bounds.
-
-    Model FLOPs when the model has a formula; otherwise XLA's count of the compiled step,
-    which includes remat recompute and counts a loop body (scan over layers) only once.
-    """
-    if setup.model_flops_per_step is not None:
-        return setup.model_flops_per_step / num_devices, "model"
-    if "flops" in compiled_stats:
-        return compiled_stats["flops"], "XLA"
-    return None, None
+def create_state(layout: StateLayout, seed: int) -> TrainState:
+    """A freshly initialised state, created directly in its sharded layout on the mesh."""
+    return jax.jit(layout.init, out_shardings=layout.shardings)(jax.random.key(seed))

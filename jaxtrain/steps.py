@@ -1,46 +1,35 @@
-"""The train and eval steps: pure functions of (state, batch), jitted once by the caller.
+"""The train and eval steps: pure functions of (state, batch) built from a task's loss, and
+their compilation with explicit shardings.
 
-`TrainState` holds only arrays (parameters as a plain nested dict), so it is a pytree
-that Orbax saves and restores directly and that another program can read back.
+    train_step = make_train_step(task.loss, layout)            # (state, batch) -> (state, metrics)
+    compiled = compile_train_step(train_step, layout, abstract_batch)
+
+Train and eval mode reach the model the Flax way (`nnx.view(model, deterministic=...,
+use_running_average=...)`), and each step's `rngs` come from the state's key and the step
+number, so a resumed run draws exactly what an uninterrupted one would.
 """
 
-from typing import Any
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx, struct
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxtrain.data.pipeline import example_sharding
 from jaxtrain.sharding import constrain
+from jaxtrain.state import StateLayout, TrainState
+
+# Keys every evaluation's `rngs` start from: evaluations of different steps compare.
+EVAL_SEED = 0
 
 
-@struct.dataclass
-class TrainState:
-    step: jax.Array  # int32 scalar: optimizer updates applied so far
-    params: Any  # nested dict of arrays (nnx.to_pure_dict of the model's Params)
-    opt_state: Any  # optax state, mirroring params
-    rng: jax.Array  # uint32 raw key data; dropout keys are folded in from the step
-    skipped: jax.Array  # int32 scalar: steps whose update was dropped as non-finite
-
-
-def _loss_and_metrics(logits, targets, mask=None):
-    """Mean cross-entropy and accuracy (float32), plus their sums for exact averaging."""
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    weights = (
-        jnp.ones_like(losses)
-        if mask is None
-        else jnp.broadcast_to(
-            mask.reshape(mask.shape + (1,) * (losses.ndim - mask.ndim)), losses.shape
-        )
-    )
-    count = jnp.sum(weights)
-    loss_sum = jnp.sum(losses * weights)
-    return loss_sum / jnp.maximum(count, 1.0), {
-        "loss_sum": loss_sum,
-        "correct_sum": jnp.sum(correct * weights),
-        "count": count,
-    }
+def set_mode(model: nnx.Module, *, train: bool) -> nnx.Module:
+    """The model in train or eval mode (Dropout `deterministic`, BatchNorm
+    `use_running_average`, and any module's own `set_view`)."""
+    flags = dict(deterministic=not train, use_running_average=not train)
+    return nnx.view(model, raise_if_not_found=False, **flags)
 
 
 def split_microbatches(x: jax.Array, num: int) -> jax.Array:
@@ -53,113 +42,225 @@ def split_microbatches(x: jax.Array, num: int) -> jax.Array:
     return constrain(micro, (None, "activation_batch") + (None,) * (x.ndim - 1))
 
 
+def _check_loss_output(output):
+    if not (isinstance(output, tuple) and len(output) == 2 and isinstance(output[1], dict)):
+        raise TypeError(
+            f"a task's loss must return (loss, metrics dict), got {type(output).__name__}"
+        )
+    loss, metrics = output
+    shapes = {k: jnp.shape(v) for k, v in {"loss": loss, **metrics}.items() if jnp.shape(v)}
+    if shapes:
+        raise TypeError(f"a task's loss and metrics must be scalars (means), got shapes {shapes}")
+    return jnp.asarray(loss, jnp.float32), {
+        k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()
+    }
+
+
 def make_train_step(
-    graphdef: nnx.GraphDef,
-    tx: optax.GradientTransformation,
-    schedule: optax.Schedule,
+    loss_fn: Callable,
+    layout: StateLayout,
+    *,
     microbatches: int = 1,
-    inject_nonfinite_at: tuple[int, ...] = (),
+    schedule: optax.Schedule | None = None,
 ):
-    """Returns `train_step(state, batch) -> (state, metrics)`.
+    """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
 
     Args:
-      graphdef: the model's static structure (from `nnx.split`).
-      tx: the optimizer.
-      schedule: the learning-rate schedule, for the `lr` metric.
+      loss_fn: `loss(model, batch, rngs) -> (loss, metrics)` (see `jaxtrain.Task.loss`).
+      layout: the state's layout (model structure and optimizer).
       microbatches: split the batch into this many equal parts whose gradients are
         accumulated (float32) in a scan before one update: the same update as the whole
         batch at once, with the activation memory of one part.
-      inject_nonfinite_at: steps (1-based) whose first gradient leaf is made NaN, to
-        exercise the non-finite policy; empty in normal runs (then it costs nothing).
+      schedule: the learning-rate schedule, to report `lr`; None: not reported.
 
-    A step whose loss or any gradient is not finite leaves params and optimizer state as
-    they were (whatever the policy, so garbage never reaches the state) and counts itself
-    in `state.skipped`; its metrics carry `finite` and `first_nonfinite_leaf` (index into
-    `jax.tree.leaves(params)`, -1 when all are finite) for the host to act on.
+    Metrics are the loss's (averaged over microbatches), `grad_norm`, `lr`,
+    `skipped_steps`, and for the host: `finite` and `first_nonfinite_leaf` (index into
+    `jax.tree.leaves(params)`, -1 when all are finite). A step whose loss or any gradient
+    is not finite leaves params, optimizer and model state as they were (garbage never
+    reaches the state) and counts itself in `state.skipped`.
     """
+    tx = layout.tx
 
-    def grads_and_sums(params, batch, rng):
-        def loss_fn(params):
-            model = nnx.merge(graphdef, params)
-            logits = model(batch["inputs"], train=True, rngs=nnx.Rngs(dropout=rng))
-            return _loss_and_metrics(logits, batch["targets"])
+    def grads_and_metrics(params, model_state, batch, rng):
+        def objective(params):
+            model = set_mode(layout.merge(params, model_state), train=True)
+            loss, metrics = _check_loss_output(loss_fn(model, batch, nnx.Rngs(rng)))
+            return loss, ({**metrics, "loss": loss}, layout.split(model)[1])
 
-        (_, sums), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-        return grads, sums
+        (_, (metrics, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return grads, metrics, model_state
 
     def train_step(state: TrainState, batch):
-        dropout_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if microbatches == 1:
-            grads, sums = grads_and_sums(state.params, batch, dropout_rng)
+            grads, metrics, model_state = grads_and_metrics(
+                state.params, state.model_state, batch, rng
+            )
         else:
+            micro = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
 
-            def accumulate(totals, xs):
-                micro, index = xs
-                rng = jax.random.fold_in(dropout_rng, index)
-                return jax.tree.map(jnp.add, totals, grads_and_sums(state.params, micro, rng)), None
+            def accumulate(carry, xs):
+                grads_sum, metrics_sum, model_state = carry
+                part, index = xs
+                grads, metrics, model_state = grads_and_metrics(
+                    state.params, model_state, part, jax.random.fold_in(rng, index)
+                )
+                return (_add(grads_sum, grads), _add(metrics_sum, metrics), model_state), None
 
+            first = jax.tree.map(lambda x: x[0], micro)
+            metric_shapes = jax.eval_shape(
+                lambda: grads_and_metrics(state.params, state.model_state, first, rng)[1]
+            )
             zeros = (
                 jax.tree.map(jnp.zeros_like, state.params),
-                {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "count")},
+                jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metric_shapes),
+                state.model_state,
             )
-            micro = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
-            (grads, sums), _ = jax.lax.scan(accumulate, zeros, (micro, jnp.arange(microbatches)))
+            (grads, metrics, model_state), _ = jax.lax.scan(
+                accumulate, zeros, (micro, jnp.arange(microbatches))
+            )
             # Each part's gradient is of its own mean loss; equal parts make their mean the
             # gradient of the whole batch's mean loss.
-            grads = jax.tree.map(lambda g: g / microbatches, grads)
-        if inject_nonfinite_at:
-            leaves, treedef = jax.tree.flatten(grads)
-            hit = jnp.isin(state.step + 1, jnp.asarray(inject_nonfinite_at))
-            leaves[0] = jnp.where(hit, jnp.nan, leaves[0])
-            grads = jax.tree.unflatten(treedef, leaves)
-        loss = sums["loss_sum"] / sums["count"]
+            grads, metrics = jax.tree.map(lambda g: g / microbatches, (grads, metrics))
         leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
-        finite = jnp.isfinite(loss) & jnp.all(leaf_finite)
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(leaf_finite)
 
         def update(_):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state
+            return optax.apply_updates(state.params, updates), opt_state, model_state
+
+        def keep(_):
+            return state.params, state.opt_state, state.model_state
 
         # A conditional, not a select: the skipped branch does no work at all.
-        params, opt_state = jax.lax.cond(
-            finite, update, lambda _: (state.params, state.opt_state), None
-        )
+        params, opt_state, new_model_state = jax.lax.cond(finite, update, keep, None)
         new_state = state.replace(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
+            model_state=new_model_state,
             skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
         )
         metrics = {
-            "loss": loss,
-            "accuracy": sums["correct_sum"] / sums["count"],
+            **metrics,
             "grad_norm": optax.global_norm(grads),
-            "lr": schedule(state.step),
             "skipped_steps": new_state.skipped,
             "finite": finite,
             "first_nonfinite_leaf": jnp.where(finite, -1, jnp.argmin(leaf_finite)),
         }
+        if schedule is not None:
+            metrics["lr"] = schedule(state.step)
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(graphdef: nnx.GraphDef):
-    """Returns `eval_step(params, batch, totals) -> totals`, summing on device.
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
 
-    Sums (not means) accumulate across batches so padding rows (mask 0) never count and
-    the result is exact for any number of batches; the host fetches the totals once.
+
+def compile_train_step(train_step, layout: StateLayout, abstract_batch):
+    """`train_step` compiled ahead of time for the layout's shardings, the state donated.
+
+    Args:
+      train_step: from `make_train_step`.
+      layout: the state's layout.
+      abstract_batch: the global batch's ShapeDtypeStructs carrying their shardings
+        (`jaxtrain.data.abstract_batch`).
+
+    Returns:
+      A compiled function `(state, batch) -> (state, metrics)`; its `memory_analysis()`
+      and `cost_analysis()` describe the step before it runs.
+    """
+    replicated = NamedSharding(layout.mesh, PartitionSpec())
+    return (
+        jax.jit(
+            train_step,
+            in_shardings=(layout.shardings, _shardings(abstract_batch)),
+            out_shardings=(layout.shardings, replicated),
+            donate_argnums=(0,),
+        )
+        .lower(layout.abstract_state, abstract_batch)
+        .compile()
+    )
+
+
+def _shardings(abstract_tree):
+    return jax.tree.map(lambda x: x.sharding, abstract_tree)
+
+
+def make_eval_step(eval_fn: Callable, layout: StateLayout):
+    """Returns `eval_step(params, model_state, batch, mask) -> sums`.
+
+    Args:
+      eval_fn: `eval_metrics(model, batch, rngs) -> {name: per-example values}` (see
+        `jaxtrain.Task.eval_metrics`), run with the model in eval mode.
+      layout: the state's layout.
+
+    Sums are `{name: {"sum": ..., "count": ...}}` over the entries whose example has mask
+    1 (padding never counts). Added up over an evaluation's batches on device (`add`)
+    and fetched once, `eval_means` turns them into exact means.
     """
 
-    def eval_step(params, batch, totals):
-        model = nnx.merge(graphdef, params)
-        logits = model(batch["inputs"], train=False)
-        _, sums = _loss_and_metrics(logits, batch["targets"], batch["mask"])
-        return jax.tree.map(jnp.add, totals, sums)
+    def eval_step(params, model_state, batch, mask):
+        model = set_mode(layout.merge(params, model_state), train=False)
+        values = eval_fn(model, batch, nnx.Rngs(EVAL_SEED))
+        sums = {}
+        for name, value in values.items():
+            value = jnp.asarray(value, jnp.float32)
+            if value.ndim == 0 or value.shape[0] != mask.shape[0]:
+                raise TypeError(
+                    f"eval metric {name!r} has shape {value.shape}; eval metrics are per "
+                    f"example, their first dimension the batch ({mask.shape[0]})"
+                )
+            weight = jnp.broadcast_to(
+                mask.reshape(mask.shape + (1,) * (value.ndim - 1)), value.shape
+            )
+            sums[name] = {
+                "sum": jnp.sum(jnp.where(weight > 0, value, 0.0) * weight),
+                "count": jnp.sum(weight),
+            }
+        return sums
 
     return eval_step
 
 
-def zero_eval_totals():
-    """Initial value for `eval_step`'s running totals."""
-    return {k: jnp.zeros((), jnp.float32) for k in ("loss_sum", "correct_sum", "count")}
+def jit_eval_step(eval_step, layout: StateLayout, abstract_batch):
+    """`eval_step` jitted for the layout's and the batch's shardings (sums replicated)."""
+    batch_shardings = _shardings(abstract_batch)
+    mask_sharding = example_sharding(batch_shardings)
+    state = layout.shardings
+    return jax.jit(
+        eval_step,
+        in_shardings=(state.params, state.model_state, batch_shardings, mask_sharding),
+        out_shardings=NamedSharding(layout.mesh, PartitionSpec()),
+    )
+
+
+def add(totals, sums):
+    """Adds one batch's eval sums to the running totals (None before the first batch)."""
+    return sums if totals is None else _add(totals, sums)
+
+
+def eval_means(totals) -> dict[str, float]:
+    """{name: mean} from an evaluation's fetched totals."""
+    return {name: float(t["sum"]) / max(float(t["count"]), 1.0) for name, t in totals.items()}
+
+
+def flops_per_device_step(flops_per_example, layout: StateLayout, global_batch_size, stats):
+    """(FLOPs per device per step, "model" or "XLA") for MFU and step-time bounds.
+
+    Model FLOPs when the task gives them (a number, or a function of all the model's
+    parameters as ShapeDtypeStructs); otherwise XLA's count of the compiled step (`stats`
+    from `jaxtrain.hlo.compiled_stats`), which includes remat recompute and counts a loop
+    body (a scan over layers) only once.
+    """
+    num_devices = layout.mesh.devices.size
+    if callable(flops_per_example):
+        abstract = layout.merge(layout.abstract_state.params, layout.abstract_state.model_state)
+        flops_per_example = flops_per_example(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
+    if flops_per_example is not None:
+        return flops_per_example * global_batch_size / num_devices, "model"
+    if "flops" in stats:
+        return stats["flops"], "XLA"
+    return None, None

@@ -1,56 +1,36 @@
-"""`train_and_evaluate(config, workdir)`: the training loop, in the order it runs.
+"""`train_and_evaluate(config, workdir, task=...)`: the training loop, in the order it runs.
 
-    config -> mesh -> model (abstract) + shardings -> checks -> data -> workdir
-           -> state (restored or created already sharded) -> compiled steps -> loop
+    config -> task -> mesh -> model + optimizer (the state, abstract) -> data -> workdir
+           -> state (restored, or created already sharded) -> compiled step -> loop
 
-Everything that can reject the request (mesh, batch split, names, an incompatible
-checkpoint, a missing split) runs before the first byte is written to the workdir.
+Everything that can reject the request (config values, mesh, batch split, names, an
+incompatible checkpoint, a missing split) runs before the first byte is written to the
+workdir.
 """
 
 import json
-import math
 import os
 
 import jax
 
-from jaxtrain import checkpoint, data, metrics, nonfinite, sharding, steps
+from jaxtrain import checkpoint, data, hardware, hlo, metrics, nonfinite, optim, sharding, steps
+from jaxtrain import config as config_lib
+from jaxtrain import state as state_lib
+from jaxtrain import tasks as tasks_lib
 from jaxtrain.errors import ConfigError
 from jaxtrain.preemption import Preempted, PreemptionWatcher
-from jaxtrain.state import (
-    Setup,
-    compile_train_step,
-    create_state,
-    flops_per_device_step,
-    jit_eval_step,
-    make_setup,
-)
 
 
-def _check_config(config) -> None:
-    for key in (
-        "global_batch_size",
-        "num_train_steps",
-        "log_every_steps",
-        "eval_every_steps",
-        "checkpoint_every_steps",
-        "microbatches",
-    ):
-        if config[key] <= 0:
-            raise ConfigError(f"config.{key} must be positive, got {config[key]}")
-    checkpoint.check_config(config.checkpoint)
-    nonfinite.check_config(config.nonfinite)
-
-
-def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.TrainState, dict]:
+def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
     """Trains and evaluates as `config` says, logging and checkpointing to `workdir`.
 
     Rerunning with the same workdir resumes from its latest checkpoint.
 
     Args:
-      config: an ml_collections ConfigDict (see configs/).
+      config: an ml_collections ConfigDict (see configs/ and `jaxtrain.load_config`).
       workdir: where config.json, metrics, TensorBoard files and checkpoints go.
-      devices: devices for the mesh; all devices by default (a subset is for tests and
-        notebooks).
+      task: what to train (`jaxtrain.Task`); by default the task `config.task` names.
+      devices: devices for the mesh; all devices by default.
 
     Returns:
       (state, metrics): the final TrainState (sharded over the mesh) and the final
@@ -61,29 +41,172 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
       Preempted: SIGTERM arrived; a checkpoint of the step it stopped at has committed.
       NonFiniteError: a non-finite loss or gradient under config.nonfinite's policy.
     """
-    _check_config(config)
+    config_lib.validate(config)
+    task = task or tasks_lib.from_config(config)
 
-    # --- Mesh and batch split ------------------------------------------------------------
-    mesh = sharding.make_mesh(config.mesh, devices)
-    rules = tuple(tuple(rule) for rule in config.rules)
-    sharding.check_batch_split(config.global_batch_size, config.microbatches, mesh, rules)
-    if config.global_batch_size % jax.process_count():
-        raise ConfigError(
-            f"config.global_batch_size={config.global_batch_size} is not divisible "
-            f"by the {jax.process_count()} processes"
-        )
-    local_batch_size = config.global_batch_size // jax.process_count()
+    # --- Mesh: the devices, the logical-axis rules, how a global batch splits ------------
+    mesh, rules = sharding.mesh_and_rules(config, devices)
 
-    # --- The run, abstract: model, optimizer, shardings; no device memory yet ------------
-    setup = make_setup(config, mesh)
+    # --- Model and optimizer: the train state's shapes and shardings, no memory yet -------
+    tx, schedule = optim.optimizer_and_schedule(config, task.optimizer)
+    layout = state_lib.make_state_layout(task.model, tx, mesh, rules, trainable=task.trainable)
 
-    # --- Checks against the workdir and the data, still writing nothing -------------------
-    resume_step = checkpoint.latest_compatible_step(workdir, setup.abstract_state)
-    # An unknown data set name fails here, before anything is downloaded or built.
-    train_examples = data.pipeline.make_examples(config.data, setup.task, config.data.train_split)
-    eval_examples = data.pipeline.make_examples(config.data, setup.task, config.data.eval_split)
+    # --- Data, and any checkpoint in the workdir checked against the model: no writes -----
+    train_data = data.as_dataset(task.data)
+    eval_data = None if task.eval_data is None else data.as_dataset(task.eval_data)
+    example = task.example or data.example_spec(train_data)
+    batch_shardings = data.batch_shardings(example, mesh, rules, task.batch_axes)
+    abstract_batch = data.abstract_batch(example, config.global_batch_size, batch_shardings)
+    resume_step = checkpoint.latest_compatible_step(workdir, layout.abstract_state)
 
     # --- Workdir ------------------------------------------------------------------------
+    config_dict = _write_config(workdir, config)
+    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+    train_iter = data.make_train_iterator(
+        train_data,
+        local_batch_size=config.global_batch_size // jax.process_count(),
+        seed=config.data.seed,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    )
+
+    with jax.set_mesh(mesh), sharding.use_rules(rules):
+        # --- State: restored, or created directly in its sharded layout ------------------
+        if resume_step is None:
+            state = state_lib.create_state(layout, config.seed)
+        else:  # restore() may fall back to an older step when this one fails to read
+            state, data_state = ckpt.restore(resume_step, layout.abstract_state)
+            train_iter.set_state(data_state)
+        start_step = int(state.step)
+
+        # --- One compiled train step; its memory and FLOPs known before step 1 -----------
+        train_step = steps.compile_train_step(
+            steps.make_train_step(
+                task.loss, layout, microbatches=config.microbatches, schedule=schedule
+            ),
+            layout,
+            abstract_batch,
+        )
+        eval_step = steps.jit_eval_step(
+            steps.make_eval_step(task.evaluation(), layout), layout, abstract_batch
+        )
+        stats = hlo.compiled_stats(train_step)
+        flops = steps.flops_per_device_step(
+            task.flops_per_example, layout, config.global_batch_size, stats
+        )
+        _describe_run(config, task, layout, abstract_batch, stats, flops, start_step)
+
+        # --- The loop ----------------------------------------------------------------------
+        writer = metrics.MetricWriter(
+            workdir, total_steps=config.num_train_steps, start_step=start_step
+        )
+        batches = data.DevicePrefetcher(train_iter, batch_shardings, size=config.data.prefetch)
+        guard = nonfinite.NonFinitePolicy(config.nonfinite, workdir, ckpt, layout.abstract_state)
+        reporter = StepReporter(config, task, writer, guard, flops[0], start_step)
+        preemption = PreemptionWatcher()
+        result: dict[str, float] = {}
+        late = None  # (step, metrics on device, local batch) the host has not read yet
+        try:
+            for step in range(start_step + 1, config.num_train_steps + 1):
+                state, step_metrics = train_step(state, next(batches))
+                writer.advance()
+                if late is not None:  # the device runs `step` now: read `step - 1`
+                    state = reporter.settle(*late, state)
+                late = (step, step_metrics, batches.local)
+                last = step == config.num_train_steps
+                preempted = preemption.reached(step) and not last  # last: just finish
+                evaluate_now = eval_data is not None and (
+                    step % config.eval_every_steps == 0 or last
+                )
+                save_now = step % config.checkpoint_every_steps == 0 or last or preempted
+                if not (evaluate_now or save_now):
+                    continue
+                # Read this step now: its state passes the non-finite guard before it is
+                # evaluated or saved, and its timing ends before evaluation starts.
+                state, late = reporter.settle(*late, state), None
+                eval_metrics = None
+                if evaluate_now:
+                    eval_metrics = evaluate(
+                        eval_step, state, eval_data, batch_shardings, task, config
+                    )
+                    writer.write(step, "eval", eval_metrics)
+                    result.update(eval_metrics)
+                    reporter.timer.reset(step)
+                if save_now:  # eval metrics, when this step has them, let retention keep the best
+                    ckpt.save(step, state, batches.state, config_dict, eval_metrics)
+                if preempted:
+                    raise Preempted(step)  # `finally` waits for the save to commit
+        finally:
+            preemption.close()
+            batches.close()
+            writer.close()
+            ckpt.close()
+    result.update(reporter.last_train)
+    return state, result
+
+
+def evaluate(eval_step, state, examples, batch_shardings, task, config) -> dict[str, float]:
+    """The task's eval metrics over `examples` (or `config.eval_steps` batches of them)."""
+    mask_sharding = data.example_sharding(batch_shardings)
+    totals = None
+    for local, mask in data.eval_batches(
+        examples,
+        global_batch_size=config.global_batch_size,
+        max_batches=config.eval_steps,
+        shard_index=jax.process_index(),
+        shard_count=jax.process_count(),
+    ):
+        sums = eval_step(
+            state.params,
+            state.model_state,
+            data.to_global(local, batch_shardings),
+            data.to_global(mask, mask_sharding),
+        )
+        totals = steps.add(totals, sums)
+    result = steps.eval_means(jax.device_get(totals))
+    return task.summarize_eval(result) if task.summarize_eval else result
+
+
+class StepReporter:
+    """Reads a step's metrics once the device has moved on to the next step.
+
+    `settle` runs the non-finite guard on the step (which may raise or roll the state
+    back) and logs it when it is a log step, with its timing, throughput and MFU.
+    """
+
+    def __init__(self, config, task, writer, guard, flops_per_device, start_step):
+        self.timer = metrics.Throughput(start_step)
+        self.last_train: dict[str, float] = {}
+        self._config, self._writer, self._guard = config, writer, guard
+        self._examples = config.global_batch_size
+        self._tokens = config.global_batch_size * (task.tokens_per_example or 0)
+        peak = hardware.peak_flops(jax.devices()[0])
+        self._flops_per_peak = flops_per_device / peak if peak and flops_per_device else None
+
+    def settle(self, step: int, step_metrics, local_batch, state):
+        """Returns the state to continue from after `step`'s metrics are read."""
+        fetched = jax.device_get(step_metrics)
+        if step % self._config.log_every_steps == 0 or step == self._config.num_train_steps:
+            scalars = {
+                k: float(v)
+                for k, v in fetched.items()
+                if k not in ("finite", "first_nonfinite_leaf")
+            }
+            seconds = self.timer.measure(step)
+            if seconds:
+                scalars["step_time_s"] = seconds
+                scalars["examples_per_s"] = self._examples / seconds
+                if self._tokens:
+                    scalars["tokens_per_s"] = self._tokens / seconds
+                if self._flops_per_peak:
+                    scalars["mfu"] = self._flops_per_peak / seconds
+            self._writer.write(step, "train", scalars)
+            self.last_train = {"train_loss": scalars["loss"]}
+        return self._guard.check(step, fetched, local_batch, state)
+
+
+def _write_config(workdir: str, config) -> dict:
+    """Writes `workdir/config.json` (process 0); returns the config as a JSON-able dict."""
     config_dict = json.loads(config.to_json_best_effort())
     if jax.process_index() == 0:
         try:
@@ -92,144 +215,25 @@ def train_and_evaluate(config, workdir: str, *, devices=None) -> tuple[steps.Tra
                 json.dump(config_dict, f, indent=2)
         except OSError as e:
             raise ConfigError(f"cannot write workdir {workdir!r}: {e.strerror}") from e
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-    train_iter = data.make_train_iterator(
-        train_examples,
-        local_batch_size=local_batch_size,
-        seed=config.data.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
-
-    with jax.set_mesh(mesh), sharding.use_rules(rules):
-        # --- State: restored, or created directly in its sharded layout ------------------
-        if resume_step is not None:
-            state, data_state = ckpt.restore(resume_step, setup.abstract_state)
-            train_iter.set_state(data_state)
-            # restore() may fall back to an older step when this one fails to read.
-            metrics.truncate_metrics(workdir, int(state.step))
-        else:
-            state = create_state(setup, config.seed)
-        start_step = int(state.step)
-
-        # --- One compiled train step; memory and FLOPs known before step 1 ---------------
-        train_step = compile_train_step(setup)
-        eval_step = jit_eval_step(setup)
-        step_stats = metrics.compiled_stats(train_step)
-        flops_per_device, flops_source = flops_per_device_step(setup, mesh.devices.size, step_stats)
-        _describe_run(config, mesh, setup, step_stats, flops_per_device, flops_source, start_step)
-
-        def evaluate(params) -> dict[str, float]:
-            totals = steps.zero_eval_totals()
-            for local in data.eval_batches(
-                eval_examples,
-                global_batch_size=config.global_batch_size,
-                max_batches=config.eval_steps,
-                shard_index=jax.process_index(),
-                shard_count=jax.process_count(),
-            ):
-                batch = jax.tree.map(
-                    lambda x: jax.make_array_from_process_local_data(setup.batch_sharding, x),
-                    local,
-                )
-                totals = eval_step(params, batch, totals)
-            totals = jax.device_get(totals)
-            loss = totals["loss_sum"] / totals["count"]
-            result = {"loss": loss, "accuracy": totals["correct_sum"] / totals["count"]}
-            if setup.task == "lm":
-                result["perplexity"] = math.exp(min(loss, 50.0))
-            return result
-
-        # --- The loop ----------------------------------------------------------------------
-        writer = metrics.MetricWriter(
-            workdir, total_steps=config.num_train_steps, initial_step=start_step
-        )
-        batches = data.DevicePrefetcher(train_iter, setup.batch_sharding, size=config.data.prefetch)
-        timer = metrics.Throughput(start_step)
-        peak = metrics.peak_flops(mesh.devices.flat[0])
-        examples_per_step = config.global_batch_size
-        tokens_per_step = examples_per_step * (config.data.seq_len if setup.task == "lm" else 0)
-        preemption = PreemptionWatcher()
-        nonfinite_policy = nonfinite.NonFinitePolicy(
-            config.nonfinite, workdir, ckpt, setup.abstract_state
-        )
-        previous = None  # (step, metrics, local batch): its finiteness is read one step late
-        pending = None  # (step, metrics on device): fetched one step late, never blocking
-        result: dict[str, float] = {}
-
-        def flush_pending():
-            nonlocal pending
-            if pending is None:
-                return
-            logged_step, logged = pending
-            pending = None
-            scalars = {
-                k: float(v)
-                for k, v in jax.device_get(logged).items()
-                if k not in ("finite", "first_nonfinite_leaf")
-            }
-            seconds = timer.measure(logged_step)
-            if seconds:
-                scalars["step_time_s"] = seconds
-                scalars["examples_per_s"] = examples_per_step / seconds
-                if tokens_per_step:
-                    scalars["tokens_per_s"] = tokens_per_step / seconds
-                if peak and flops_per_device:
-                    scalars["mfu"] = flops_per_device / seconds / peak
-            writer.write(logged_step, "train", scalars)
-            result["train_loss"] = scalars["loss"]
-
-        try:
-            for step in range(start_step + 1, config.num_train_steps + 1):
-                state, step_metrics = train_step(state, next(batches))
-                writer.advance()
-                flush_pending()  # the device is busy with `step` now; read `step - 1`
-                if previous is not None:  # may raise, or roll the state back
-                    state = nonfinite_policy.check(*previous, state)
-                previous = (step, step_metrics, batches.local)
-                last = step == config.num_train_steps
-                if step % config.log_every_steps == 0 or last:
-                    pending = (step, step_metrics)
-                eval_metrics = None
-                if step % config.eval_every_steps == 0 or last:
-                    flush_pending()  # first, so the eval is not counted as step time
-                    eval_metrics = evaluate(state.params)
-                    writer.write(step, "eval", eval_metrics)
-                    result.update(eval_metrics)
-                    timer.reset(step)
-                preempted = preemption.reached(step) and not last  # last: just finish
-                if step % config.checkpoint_every_steps == 0 or last or preempted:
-                    # Eval metrics (when this step has them) let retention keep the best.
-                    ckpt.save(step, state, batches.state, config_dict, eval_metrics)
-                if preempted:
-                    flush_pending()
-                    raise Preempted(step)  # `finally` waits for the save to commit
-            flush_pending()
-            if previous is not None:
-                state = nonfinite_policy.check(*previous, state)
-        finally:
-            preemption.close()
-            batches.close()
-            writer.close()
-            ckpt.close()
-    return state, result
+    return config_dict
 
 
-def _describe_run(config, mesh, setup: Setup, stats, flops, flops_source, start_step) -> None:
+def _describe_run(config, task, layout, abstract_batch, stats, flops, start_step) -> None:
     """Prints what will run: sizes, layout, per-device memory and FLOPs of the step."""
-    num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(setup.abstract_state.params))
-    shapes = {k: tuple(v.shape) for k, v in setup.abstract_batch.items()}
+    mesh = layout.mesh
+    shapes = jax.tree.map(lambda x: tuple(x.shape), abstract_batch)
     lines = [
-        f"model {config.model.name}: {num_params:,} parameters | "
+        f"model {task.name}: {layout.num_parameters:,} parameters | "
         f"mesh {dict(mesh.shape)} on {mesh.devices.size} {mesh.devices.flat[0].platform} devices"
         + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else ""),
         f"global batch {config.global_batch_size} {shapes} | steps {start_step} -> "
         f"{config.num_train_steps}" + (f" (resumed at {start_step})" if start_step else ""),
     ]
-    if flops:
-        xla = f" (XLA counts {metrics.human(stats['flops'])})" if flops_source == "model" else ""
+    flops_per_device, source = flops
+    if flops_per_device:
+        xla = f" (XLA counts {metrics.human(stats['flops'])})" if source == "model" else ""
         lines.append(
-            f"train step: {metrics.human(flops)}FLOP per device, {flops_source} FLOPs{xla}"
+            f"train step: {metrics.human(flops_per_device)}FLOP per device, {source} FLOPs{xla}"
         )
     if "temp_size_in_bytes" in stats:
         lines.append(

@@ -63,6 +63,37 @@ def read_metrics(workdir, split="train"):
     return records
 
 
+def build(config, mesh_config=None, devices=None):
+    """The pieces `train_and_evaluate` builds for `config`, up to the compiled step.
+
+    Returns:
+      (mesh, layout, task, abstract batch); `mesh_config` replaces `config.mesh`.
+    """
+    from jaxtrain import data, optim, sharding, state, tasks
+
+    if mesh_config is not None:
+        config.mesh = mesh_config
+    task = tasks.from_config(config)
+    mesh, rules = sharding.mesh_and_rules(config, devices)
+    tx, _ = optim.optimizer_and_schedule(config, task.optimizer)
+    layout = state.make_state_layout(task.model, tx, mesh, rules, trainable=task.trainable)
+    example = task.example
+    batch = data.abstract_batch(
+        example, config.global_batch_size, data.batch_shardings(example, mesh, rules)
+    )
+    return mesh, layout, task, batch
+
+
+def compile_step(config, mesh_config=None, devices=None):
+    """The compiled train step of `config` (on `mesh_config`), and the layout."""
+    from jaxtrain import sharding, steps
+
+    mesh, layout, task, batch = build(config, mesh_config, devices)
+    with jax.set_mesh(mesh), sharding.use_rules(sharding.Rules(config.rules)):
+        train_step = steps.make_train_step(task.loss, layout, microbatches=config.microbatches)
+        return steps.compile_train_step(train_step, layout, batch), layout
+
+
 def gpt_smoke_config(data_dir=None, steps=4, mesh=None, **overrides):
     """The GPT smoke config for a `steps`-step run on `mesh` (all devices by default).
 

@@ -12,12 +12,12 @@ import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import gpt_smoke_config, load_config, read_metrics
+from conftest import build, gpt_smoke_config, load_config, read_metrics
 from orbax.checkpoint._src.serialization import serialization as orbax_serialization
 
-from jaxtrain import checkpoint, sharding
+from jaxtrain import checkpoint, integrity
 from jaxtrain.errors import ConfigError
-from jaxtrain.state import create_state, make_setup
+from jaxtrain.state import create_state
 from jaxtrain.train import train_and_evaluate
 
 # Losses after a restore onto another mesh match the uninterrupted 8-device run to this
@@ -112,7 +112,7 @@ def test_rerun_on_another_strategy_skips_an_unfinished_step(
     run = _continue(data_dir, workdir, tmp_path / "resumed", [(6, {"fsdp": 4, "tensor": 2}, None)])
     _assert_matches(run, reference)
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["2", "6", "6.damaged"]
-    assert checkpoint.damage(str(tmp_path / "resumed" / "checkpoints" / "6")) is None
+    assert integrity.damage(str(tmp_path / "resumed" / "checkpoints" / "6")) is None
 
 
 def test_restore_reads_only_each_devices_shards(after_two_steps, monkeypatch):
@@ -128,17 +128,15 @@ def test_restore_reads_only_each_devices_shards(after_two_steps, monkeypatch):
 
     monkeypatch.setattr(orbax_serialization, "_read_array_index_and_device_put", recording)
     config = gpt_smoke_config(mesh={"data": 1, "fsdp": 4, "tensor": 2})
-    setup = make_setup(config, sharding.make_mesh(config.mesh))
+    _, layout, _, _ = build(config)
     ckpt = checkpoint.Checkpointer(str(after_two_steps), config.checkpoint)
     try:
-        state, data_state = ckpt.restore(2, setup.abstract_state)
+        state, data_state = ckpt.restore(2, layout.abstract_state)
     finally:
         ckpt.close()
     assert data_state == {"next_index": 2}
     # Every restored array carries the new layout...
-    for got, want in zip(
-        jax.tree.leaves(state), jax.tree.leaves(setup.state_shardings), strict=True
-    ):
+    for got, want in zip(jax.tree.leaves(state), jax.tree.leaves(layout.shardings), strict=True):
         assert got.sharding == want
     up = state.params["blocks"][0]["mlp"]["up"]["kernel"]  # (embed, mlp) over (fsdp, tensor)
     assert {s.data.shape for s in up.addressable_shards} == {(16, 64)}
@@ -148,10 +146,10 @@ def test_restore_reads_only_each_devices_shards(after_two_steps, monkeypatch):
 
     # The same step restored onto one device holds the same numbers.
     config_one = gpt_smoke_config(mesh={"data": 1})
-    setup_one = make_setup(config_one, sharding.make_mesh(config_one.mesh, jax.devices()[:1]))
+    _, layout_one, _, _ = build(config_one, devices=jax.devices()[:1])
     ckpt = checkpoint.Checkpointer(str(after_two_steps), config_one.checkpoint)
     try:
-        single, _ = ckpt.restore(2, setup_one.abstract_state)
+        single, _ = ckpt.restore(2, layout_one.abstract_state)
     finally:
         ckpt.close()
     for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(single), strict=True):
@@ -164,8 +162,8 @@ def test_restore_reads_only_each_devices_shards(after_two_steps, monkeypatch):
 @pytest.fixture(scope="module")
 def smoke():
     config = gpt_smoke_config()
-    setup = make_setup(config, sharding.make_mesh(config.mesh))
-    return config, setup, create_state(setup, 0)
+    _, layout, _, _ = build(config)
+    return config, layout, create_state(layout, 0)
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +205,7 @@ DAMAGES = {
 
 @pytest.mark.parametrize("damage", DAMAGES)
 def test_damaged_latest_step_is_skipped_and_set_aside(damage, smoke, three_steps, tmp_path, caplog):
-    config, setup, state = smoke
+    config, layout, state = smoke
     workdir = tmp_path / "run"
     shutil.copytree(three_steps, workdir)
     step_dir = str(workdir / "checkpoints" / "6")
@@ -215,7 +213,7 @@ def test_damaged_latest_step_is_skipped_and_set_aside(damage, smoke, three_steps
     before = _snapshot(workdir)
 
     with caplog.at_level(logging.WARNING):
-        assert checkpoint.latest_compatible_step(str(workdir), setup.abstract_state) == 4
+        assert checkpoint.latest_compatible_step(str(workdir), layout.abstract_state) == 4
     assert [r.getMessage() for r in caplog.records if step_dir in r.getMessage()]
     assert _snapshot(workdir) == before  # the check wrote nothing
 
@@ -228,23 +226,23 @@ def test_damaged_latest_step_is_skipped_and_set_aside(damage, smoke, three_steps
     finally:
         ckpt.close()
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4", "6", "6.damaged"]
-    assert checkpoint.latest_compatible_step(str(workdir), setup.abstract_state) == 6
+    assert checkpoint.latest_compatible_step(str(workdir), layout.abstract_state) == 6
 
 
 def test_step_that_fails_to_read_falls_back_to_the_previous(smoke, three_steps, tmp_path, caplog):
-    config, setup, _ = smoke
+    config, layout, _ = smoke
     workdir = tmp_path / "run"
     shutil.copytree(three_steps, workdir)
     step_dir = str(workdir / "checkpoints" / "6")
     with open(_array_files(step_dir)[-1], "r+b") as f:  # bad bytes, full length
         f.write(b"\0" * 4096)
-    assert checkpoint.damage(step_dir) is None  # invisible without reading the arrays
-    assert checkpoint.latest_compatible_step(str(workdir), setup.abstract_state) == 6
+    assert integrity.damage(step_dir) is None  # invisible without reading the arrays
+    assert checkpoint.latest_compatible_step(str(workdir), layout.abstract_state) == 6
 
     ckpt = checkpoint.Checkpointer(str(workdir), config.checkpoint)
     try:
         with caplog.at_level(logging.WARNING):
-            state, data_state = ckpt.restore(6, setup.abstract_state)
+            state, data_state = ckpt.restore(6, layout.abstract_state)
         assert ckpt.manager.all_steps() == [2, 4]
     finally:
         ckpt.close()
@@ -363,7 +361,7 @@ def _remount(mount, options):
 
 
 def test_disk_full_and_read_only_keep_the_last_good_checkpoint(smoke, small_disk):
-    config, setup, state = smoke
+    config, layout, state = smoke
     workdir = str(small_disk / "run")
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     ckpt.save(2, state.replace(step=state.step + 2), {"next_index": 2}, {})
@@ -381,7 +379,7 @@ def test_disk_full_and_read_only_keep_the_last_good_checkpoint(smoke, small_disk
     assert "step 4" in message and os.path.join(workdir, "checkpoints") in message
     assert "No space left on device" in message and "step 2, is intact" in message
     # Nothing half-written counts as a step, for us or for Orbax alone.
-    assert checkpoint.latest_compatible_step(workdir, setup.abstract_state) == 2
+    assert checkpoint.latest_compatible_step(workdir, layout.abstract_state) == 2
     with ocp.CheckpointManager(
         os.path.join(workdir, "checkpoints"), options=ocp.CheckpointManagerOptions(read_only=True)
     ) as manager:
@@ -391,13 +389,13 @@ def test_disk_full_and_read_only_keep_the_last_good_checkpoint(smoke, small_disk
     _remount(small_disk, "ro")
     with pytest.raises(checkpoint.CheckpointWriteError, match="Read-only file system"):
         checkpoint.Checkpointer(workdir, config.checkpoint)
-    assert checkpoint.latest_compatible_step(workdir, setup.abstract_state) == 2
+    assert checkpoint.latest_compatible_step(workdir, layout.abstract_state) == 2
 
     # With room again, the next run clears the half-written step and saves over it.
     _remount(small_disk, "rw,size=16m")
     ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
     try:
-        restored, _ = ckpt.restore(2, setup.abstract_state)
+        restored, _ = ckpt.restore(2, layout.abstract_state)
         assert int(restored.step) == 2
         ckpt.save(4, state.replace(step=state.step + 4), {"next_index": 4}, {})
     finally:

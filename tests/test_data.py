@@ -7,12 +7,13 @@ from conftest import load_config
 
 from jaxtrain.data import builders, pipeline
 from jaxtrain.errors import ConfigError
+from jaxtrain.tasks import classification, lm
 
 
 def test_digits_split_is_fixed_and_complete(data_dir):
     config = load_config("digits_cnn", data_dir=data_dir)
-    train = pipeline.get_data_source(config.data, "train")
-    test = pipeline.get_data_source(config.data, "test")
+    train = pipeline.from_tfds("digits", "train", data_dir=config.data.data_dir)
+    test = pipeline.from_tfds("digits", "test", data_dir=config.data.data_dir)
     assert (len(train), len(test)) == (1438, 359)  # all 1,797 digits, 80/20
     example = train[0]
     assert example["image"].shape == (8, 8, 1) and example["image"].dtype == np.uint8
@@ -22,9 +23,8 @@ def test_digits_split_is_fixed_and_complete(data_dir):
 
 
 def test_pysource_splits_by_file(data_dir):
-    config = load_config("gpt_pysource", data_dir=data_dir)
-    train = pipeline.get_data_source(config.data, "train")
-    val = pipeline.get_data_source(config.data, "validation")
+    train = pipeline.from_tfds("pysource", "train", data_dir=data_dir)
+    val = pipeline.from_tfds("pysource", "validation", data_dir=data_dir)
     train_paths = {train[i]["path"] for i in range(len(train))}
     val_paths = {val[i]["path"] for i in range(len(val))}
     root, files = builders.stdlib_files()
@@ -39,7 +39,7 @@ def test_pysource_splits_by_file(data_dir):
 
 def test_lm_windows_are_shifted_by_one(data_dir):
     config = load_config("gpt_pysource", "smoke", data_dir=data_dir)
-    examples = pipeline.make_examples(config.data, "lm", "validation")
+    examples = lm.text_windows(config.data, "validation")
     example = examples[3]
     assert example["inputs"].shape == (config.data.seq_len,)
     np.testing.assert_array_equal(example["inputs"][1:], example["targets"][:-1])
@@ -48,7 +48,7 @@ def test_lm_windows_are_shifted_by_one(data_dir):
 
 def test_train_iterator_is_deterministic_and_resumable(data_dir):
     config = load_config("digits_cnn", data_dir=data_dir)
-    examples = pipeline.make_examples(config.data, "classification", "train")
+    examples = classification.labelled_images(config.data, "train")
     make = lambda: pipeline.make_train_iterator(
         examples, local_batch_size=32, seed=7, shard_index=0, shard_count=1
     )
@@ -83,47 +83,49 @@ def test_process_slices_are_disjoint_and_cover_an_epoch():
 
 def test_eval_batches_cover_each_example_once_with_padding(data_dir):
     config = load_config("digits_cnn", data_dir=data_dir)
-    examples = pipeline.make_examples(config.data, "classification", "test")
+    examples = classification.labelled_images(config.data, "test")
     batches = list(
         pipeline.eval_batches(
             examples, global_batch_size=100, max_batches=-1, shard_index=0, shard_count=1
         )
     )
-    assert len(batches) == 4 and all(b["inputs"].shape[0] == 100 for b in batches)
-    assert sum(b["mask"].sum() for b in batches) == len(examples) == 359
-    labels = np.concatenate([b["targets"][b["mask"] > 0] for b in batches])
+    assert len(batches) == 4 and all(b["inputs"].shape[0] == 100 for b, _ in batches)
+    assert sum(mask.sum() for _, mask in batches) == len(examples) == 359
+    labels = np.concatenate([b["targets"][mask > 0] for b, mask in batches])
     np.testing.assert_array_equal(labels, [examples[i]["targets"] for i in range(359)])
 
 
 def test_eval_batches_spread_a_capped_sample_over_the_split(data_dir):
     config = load_config("gpt_pysource", "smoke", data_dir=data_dir)
-    examples = pipeline.make_examples(config.data, "lm", "validation")
+    examples = lm.text_windows(config.data, "validation")
     batches = list(
         pipeline.eval_batches(
-            examples, global_batch_size=8, max_batches=2, shard_index=0, shard_count=1
+            pipeline.as_dataset(examples),
+            global_batch_size=8,
+            max_batches=2,
+            shard_index=0,
+            shard_count=1,
         )
     )
-    assert len(batches) == 2 and all(b["mask"].all() for b in batches)
+    assert len(batches) == 2 and all(mask.all() for _, mask in batches)
     # 16 examples evenly spaced over the whole split, not its first 16 windows.
     n = len(examples)
-    chosen = np.concatenate([b["inputs"] for b in batches])
+    chosen = np.concatenate([b["inputs"] for b, _ in batches])
     for slot in (0, 1, 15):
         np.testing.assert_array_equal(chosen[slot], examples[slot * n // 16]["inputs"])
 
 
 def test_unknown_data_set_is_a_config_error():
-    config = load_config("digits_cnn")
-    config.data.name = "digitz"
     with pytest.raises(
         ConfigError, match="unknown data set 'digitz' \\(did you mean 'digits'\\?\\)"
     ):
-        pipeline.get_builder(config.data)
+        pipeline.get_builder("digitz")
 
 
 def test_unknown_split_is_a_config_error(data_dir):
     config = load_config("digits_cnn", data_dir=data_dir)
     with pytest.raises(ConfigError, match="no split 'validation'; splits: \\['test', 'train'\\]"):
-        pipeline.get_data_source(config.data, "validation")
+        pipeline.from_tfds("digits", "validation", data_dir=config.data.data_dir)
 
 
 def test_catalog_data_sets_go_through_the_same_path(data_dir):
@@ -131,7 +133,7 @@ def test_catalog_data_sets_go_through_the_same_path(data_dir):
     config = load_config("digits_cnn", data_dir=data_dir)
     config.data.name = "mnist"
     with tfds.testing.mock_data(num_examples=12, policy=tfds.testing.MockPolicy.USE_CODE):
-        examples = pipeline.make_examples(config.data, "classification", "train")
+        examples = classification.labelled_images(config.data, "train")
         example = examples[0]
     assert len(examples) == 12
     assert example["inputs"].shape == (28, 28, 1) and example["targets"].dtype == np.int32

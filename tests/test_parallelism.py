@@ -8,12 +8,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from conftest import REPO, load_config, train_gpt_smoke
+from conftest import REPO, build, compile_step, load_config, train_gpt_smoke
 from flax import nnx
 
-from jaxtrain import sharding
+from jaxtrain import hlo, sharding, steps, tasks
 from jaxtrain.models import make_model
-from jaxtrain.state import compile_train_step, create_state, make_setup
+from jaxtrain.state import create_state
 
 # Heads, KV heads, vocab, MLP and embed of the smoke GPT all divide by 8 with these.
 DIVISIBLE_BY_8 = dict(model__num_heads=8, model__num_kv_heads=8, model__head_dim=8)
@@ -49,11 +49,6 @@ def test_every_mesh_matches_one_device(
     np.testing.assert_allclose(losses, one_device_losses, rtol=5e-5)
 
 
-def _setup(config, mesh_config, devices=None):
-    mesh = sharding.make_mesh(mesh_config, devices)
-    return mesh, make_setup(config, mesh)
-
-
 def _per_device_bytes(state) -> dict:
     totals: dict = {}
     for leaf in jax.tree.leaves((state.params, state.opt_state)):
@@ -70,9 +65,9 @@ def test_fsdp_and_tensor_parallelism_shrink_per_device_state():
         "fsdp": {"fsdp": 8},
         "fsdp+tensor": {"fsdp": 4, "tensor": 2},
     }.items():
-        mesh, setup = _setup(config, mesh_config)
+        mesh, layout, _, _ = build(config, mesh_config)
         with jax.set_mesh(mesh):
-            per_device = _per_device_bytes(create_state(setup, seed=0))
+            per_device = _per_device_bytes(create_state(layout, seed=0))
         assert len(set(per_device.values())) == 1  # balanced over the 8 devices
         held[name] = next(iter(per_device.values()))
     # Params + Adam moments, float32: 3 x 918,656 x 4 bytes (+ step counts) on every device.
@@ -95,9 +90,8 @@ def test_microbatches_give_the_large_batch_update(data_dir, tmp_path):
 
 
 def _temp_bytes(config, mesh_config):
-    mesh, setup = _setup(config, mesh_config, jax.devices()[:1])
-    with jax.set_mesh(mesh), sharding.use_rules(config.rules):
-        return compile_train_step(setup).memory_analysis().temp_size_in_bytes
+    compiled, _ = compile_step(config, mesh_config, jax.devices()[:1])
+    return compiled.memory_analysis().temp_size_in_bytes
 
 
 def test_microbatch_memory_does_not_grow_with_their_number():
@@ -124,9 +118,7 @@ def _smoke_model(**fields):
     config = load_config("gpt_pysource", "smoke")
     model_config = ml_collections.ConfigDict({**dict(config.model), "dropout_rate": 0.1, **fields})
     with nnx.use_eager_sharding(False):
-        model = make_model(
-            model_config, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0)
-        )
+        model = make_model(model_config, dtype=jnp.float32, param_dtype=jnp.float32)(nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
     return graphdef, nnx.to_pure_dict(params)
 
@@ -145,7 +137,8 @@ def test_scan_and_remat_compute_the_same_loss_and_gradients(remat):
     tokens = (jnp.arange(64).reshape(2, 32) * 7) % 256
 
     def loss(graphdef, params):  # dropout on, so per-layer keys must line up too
-        logits = nnx.merge(graphdef, params)(tokens, train=True, rngs=nnx.Rngs(dropout=3))
+        model = steps.set_mode(nnx.merge(graphdef, params), train=True)
+        logits = model(tokens, rngs=nnx.Rngs(dropout=3))
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
 
     loop_loss, loop_grads = jax.value_and_grad(lambda p: loss(loop_def, p))(loop_params)
@@ -194,8 +187,8 @@ def test_scanned_model_trains_sharded(data_dir, tmp_path):
 
 
 def _partition_specs(config) -> dict[str, str]:
-    _, setup = _setup(config, {"data": -1})
-    specs = jax.tree_util.tree_flatten_with_path(setup.state_shardings.params)[0]
+    _, layout, _, _ = build(config, {"data": -1})
+    specs = jax.tree_util.tree_flatten_with_path(layout.shardings.params)[0]
     return {sharding.path_str(path): str(s.spec) for path, s in specs}
 
 
@@ -219,11 +212,11 @@ def test_partition_specs_match_the_golden_snapshot():
 def test_model_flops_agree_with_xla_and_survive_scan():
     def flops(**overrides):
         config = load_config("gpt_pysource", global_batch_size=8, **overrides)
-        mesh, setup = _setup(config, {"data": 1}, jax.devices()[:1])
-        with jax.set_mesh(mesh), sharding.use_rules(config.rules):
-            xla = compile_train_step(setup).cost_analysis()
-        xla = xla[0] if isinstance(xla, (list, tuple)) else xla
-        return setup.model_flops_per_step, xla["flops"]
+        compiled, layout = compile_step(config, {"data": 1}, jax.devices()[:1])
+        stats = hlo.compiled_stats(compiled)
+        task = tasks.from_config(config)
+        model, _ = steps.flops_per_device_step(task.flops_per_example, layout, 8, stats)
+        return model, stats["flops"]
 
     model, xla = flops()
     # 918,656 weights less the 256 x 128 embedding table, 6 FLOPs each per token, plus

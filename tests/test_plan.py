@@ -9,9 +9,9 @@ import sys
 
 import jax
 import pytest
-from conftest import CONFIGS, REPO, load_config
+from conftest import CONFIGS, REPO, build, load_config
 
-from jaxtrain import cli, plan, sharding, state
+from jaxtrain import cli, hardware, hlo, plan
 from jaxtrain.errors import ConfigError
 
 GPT = os.path.join(CONFIGS, "gpt_pysource.py")
@@ -19,9 +19,9 @@ FSDP_TENSOR = dict(data=2, fsdp=2, sequence=1, tensor=2)
 DATA_PARALLEL = dict(data=8, fsdp=1, sequence=1, tensor=1)
 # Injected chips: "roomy" holds any smoke config, "tiny" not even the smoke GPT's weights.
 TEST_CHIPS = {
-    **plan.CHIPS,
-    "roomy": plan.Chip("cpu", memory_bytes=2**30),
-    "tiny": plan.Chip("cpu", memory_bytes=64 * 2**10),
+    **hardware.CHIPS,
+    "roomy": hardware.Chip("cpu", memory_bytes=2**30, peak_bf16_flops=None),
+    "tiny": hardware.Chip("cpu", memory_bytes=64 * 2**10, peak_bf16_flops=None),
 }
 
 
@@ -49,8 +49,8 @@ def _bytes_per_device(tree):
 
 def test_state_bytes_match_a_really_initialised_sharded_state(fsdp_tensor_plan):
     config = _gpt(FSDP_TENSOR)
-    setup = state.make_setup(config, sharding.make_mesh(config.mesh))
-    real = jax.jit(setup.init, out_shardings=setup.state_shardings)(jax.random.key(0))
+    _, layout, _, _ = build(config)
+    real = jax.jit(layout.init, out_shardings=layout.shardings)(jax.random.key(0))
     memory = fsdp_tensor_plan["memory"]
     params, opt_state = _bytes_per_device(real.params), _bytes_per_device(real.opt_state)
     assert len(params) == 8 and set(params.values()) == {memory["parameters"]}
@@ -174,7 +174,7 @@ def test_shape_errors_name_the_batch_and_too_few_devices_are_refused():
 
 
 def test_count_collectives_per_step_through_loops_async_pairs_and_tuples():
-    hlo = """HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
+    hlo_text = """HloModule jit_step, entry_computation_layout={(f32[8]{0})->f32[8]{0}}
 
 %add (a: f32[], b: f32[]) -> f32[] {
   ROOT %sum = f32[] add(f32[] %a, f32[] %b)
@@ -196,7 +196,7 @@ ENTRY %main (x: f32[8]) -> f32[8] {
   ROOT %f = f32[4]{0} fusion(%all-reduce.3), kind=kLoop, metadata={op_name="all-gather(x)"}
 }
 """  # noqa: E501
-    assert plan.count_collectives(hlo) == {
+    assert hlo.count_collectives(hlo_text) == {
         "all-reduce": {"count": 1, "bytes": 4 * 32 * 4 + 8 * 2 + 4},
         # Two per iteration (one sync, one async pair), three iterations.
         "all-gather": {"count": 6, "bytes": 3 * (64 * 128 * 4 + 32 * 128 * 2)},

@@ -4,15 +4,17 @@ import jax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxtrain import sharding
+from jaxtrain import data, sharding
 from jaxtrain.errors import ConfigError
 
-RULES = (
-    ("activation_batch", ("data", "fsdp")),
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("norm", None),
+RULES = sharding.Rules(
+    (
+        ("activation_batch", ("data", "fsdp")),
+        ("embed", "fsdp"),
+        ("mlp", "tensor"),
+        ("vocab", "tensor"),
+        ("norm", None),
+    )
 )
 
 
@@ -36,29 +38,35 @@ def test_bad_mesh_names_the_problem(mesh, message):
         sharding.make_mesh(mesh)
 
 
-def test_logical_to_mesh_spec():
-    assert sharding.logical_to_mesh_spec(("embed", "mlp"), RULES) == P("fsdp", "tensor")
-    assert sharding.logical_to_mesh_spec(("norm",), RULES) == P(None)
-    assert sharding.logical_to_mesh_spec(("activation_batch", None), RULES) == P(
-        ("data", "fsdp"), None
-    )
+def test_rules_map_logical_axes_to_mesh_axes():
+    assert RULES.spec(("embed", "mlp")) == P("fsdp", "tensor")
+    assert RULES.spec(("norm",)) == P(None)
+    assert RULES.spec(("activation_batch", None)) == P(("data", "fsdp"), None)
     # A mesh axis is used once per spec: the second dimension that maps to it is replicated.
-    assert sharding.logical_to_mesh_spec(("activation_batch", "embed"), RULES) == P(
-        ("data", "fsdp"), None
-    )
+    assert RULES.spec(("activation_batch", "embed")) == P(("data", "fsdp"), None)
+    assert sharding.Rules(RULES).table == RULES.table
 
 
 def test_missing_rule_names_the_axis_and_parameter():
     with pytest.raises(ConfigError, match="'heads' \\(used by blocks/0/query\\) has no entry"):
-        sharding.logical_to_mesh_spec(("embed", "heads"), RULES, where="blocks/0/query")
+        RULES.spec(("embed", "heads"), where="blocks/0/query")
 
 
-def test_rule_to_unknown_mesh_axis_is_rejected():
+def test_rule_to_unknown_mesh_axis_is_rejected_when_the_rules_are_read():
     with pytest.raises(ConfigError, match="unknown mesh axis 'model'"):
-        sharding.logical_to_mesh_spec(("embed",), (("embed", "model"),))
+        sharding.Rules((("embed", "model"),))
 
 
 def test_batch_split_follows_rules():
     mesh = sharding.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     assert sharding.data_parallel_size(mesh, RULES) == 4
-    assert sharding.batch_sharding(mesh, RULES).spec == P(("data", "fsdp"))
+    example = {"x": jax.ShapeDtypeStruct((3, 5), "float32"), "y": jax.ShapeDtypeStruct((), "int32")}
+    shardings = data.batch_shardings(example, mesh, RULES)
+    assert shardings["x"].spec == P(("data", "fsdp"), None, None)
+    assert shardings["y"].spec == P(("data", "fsdp"))
+    # A task may name a batch array's other axes too: here, tokens split over `tensor`.
+    rules = sharding.Rules((*RULES.table.items(), ("activation_length", "tensor")))
+    named = data.batch_shardings(
+        example, mesh, rules, {"x": ("activation_batch", "activation_length", None)}
+    )
+    assert named["x"].spec == P(("data", "fsdp"), "tensor", None)

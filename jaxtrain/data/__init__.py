@@ -1,10 +1,27 @@
-"""Input: TFDS data sources (bundled or catalog) read through grain."""
+"""Input: any examples (arrays, grain, TFDS) through one checkpointable grain pipeline."""
 
 from jaxtrain.data.pipeline import (
     DevicePrefetcher,
+    abstract_batch,
+    as_dataset,
+    batch_shardings,
     eval_batches,
-    get_data_source,
+    example_sharding,
+    example_spec,
+    from_tfds,
     make_train_iterator,
+    to_global,
 )
 
-__all__ = ["DevicePrefetcher", "eval_batches", "get_data_source", "make_train_iterator"]
+__all__ = [
+    "DevicePrefetcher",
+    "abstract_batch",
+    "as_dataset",
+    "batch_shardings",
+    "eval_batches",
+    "example_sharding",
+    "example_spec",
+    "from_tfds",
+    "make_train_iterator",
+    "to_global",
+]

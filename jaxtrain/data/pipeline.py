@@ -1,37 +1,40 @@
-"""Input pipeline: TFDS data source -> grain -> per-process numpy batches -> global arrays.
+"""Input pipeline: examples -> grain -> per-process numpy batches -> global device arrays.
 
-Every data set, bundled or from the TFDS catalog, is read through `as_data_source`
-(random access over ArrayRecord files), so the order is a pure function of the seed, each
-process reads only its own slice, and the iterator position is a small dict that the
-checkpoint stores.
+Every data set, a user's arrays or a TFDS data set alike, becomes a random-access
+`grain.MapDataset` of examples (dicts of arrays), so the order is a pure function of the
+seed, each process reads only its own slice, and the iterator position is a small dict
+that the checkpoint stores.
 """
 
 import difflib
 import math
 import queue
 import threading
+from collections.abc import Mapping
 
 import grain
 import jax
 import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.errors import ConfigError
+from jaxtrain.sharding import Rules, batch_axes, check_divisible
 
 BUNDLED = ("digits", "pysource")
 
-# Separates documents in the byte stream of a text data set; source files contain no NULs.
-DOCUMENT_SEPARATOR = 0
 
+def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+    """The TFDS builder for a bundled or catalog data set name; writes nothing.
 
-def get_builder(data_config):
-    """The TFDS builder for `data_config.name` (bundled or catalog); writes nothing."""
+    Raises:
+      ConfigError: no such data set (with the closest name).
+    """
     from jaxtrain.data import builders  # noqa: F401  (registers digits and pysource)
 
-    name = data_config.name
     try:
-        return tfds.builder(name, data_dir=data_config.data_dir or None, file_format="array_record")
+        return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
         known = [*BUNDLED, *tfds.list_builders(with_community_datasets=False)]
         close = difflib.get_close_matches(name, known, n=1)
@@ -41,71 +44,127 @@ def get_builder(data_config):
         ) from None
 
 
-def get_data_source(data_config, split: str):
-    """Prepares the data set on first use (process 0 only) and returns a split's source."""
-    builder = get_builder(data_config)
+def from_tfds(builder, split: str, *, data_dir: str | None = None) -> grain.MapDataset:
+    """A split of a TFDS data set as examples (its records), prepared on first use.
+
+    Args:
+      builder: a data set name (bundled or catalog) or a `tfds.core.DatasetBuilder`, such
+        as the user's own `GeneratorBasedBuilder`; built as ArrayRecord, which needs no
+        TensorFlow.
+      split: the split's name ("train", "test", ...).
+      data_dir: where TFDS keeps data sets, for a name; TFDS's default when None.
+
+    Returns:
+      A random-access `grain.MapDataset` of the split's records.
+
+    Raises:
+      ConfigError: an unknown data set or split.
+    """
+    if isinstance(builder, str):
+        builder = get_builder(builder, data_dir)
     if jax.process_index() == 0 and not builder.is_prepared():
         print(f"preparing data set {builder.name!r} in {builder.data_dir} (first use)", flush=True)
         tfds.disable_progress_bar()
         builder.download_and_prepare(file_format="array_record")
     if jax.process_count() > 1:
-        multihost_utils.sync_global_devices(f"jaxtrain:prepared:{data_config.name}")
-        builder = get_builder(data_config)
+        multihost_utils.sync_global_devices(f"jaxtrain:prepared:{builder.name}")
+        builder = tfds.builder_from_directory(builder.data_dir)  # as process 0 wrote it
     known = builder.info.splits  # empty only for a mocked builder (tfds.testing.mock_data)
     if known and split not in known:
         raise ConfigError(
-            f"data set {data_config.name!r} has no split {split!r}; splits: {sorted(known)}"
+            f"data set {builder.name!r} has no split {split!r}; splits: {sorted(known)}"
         )
-    return builder.as_data_source(split=split)
+    return grain.MapDataset.source(builder.as_data_source(split=split))
 
 
-class TokenWindows:
-    """Random-access language-model examples: consecutive windows of a byte stream."""
+class ArraySource:
+    """Random access over equally long arrays (a possibly nested dict): example i is row i."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
-        self._tokens = tokens
-        self._seq_len = seq_len
+    def __init__(self, arrays: Mapping):
+        leaves = jax.tree.leaves(arrays)
+        lengths = {len(x) for x in leaves}
+        if len(lengths) != 1:
+            raise ConfigError(
+                "data arrays must all have one length (the number of examples), "
+                f"got lengths {sorted(lengths)}"
+            )
+        self._arrays, self._length = arrays, lengths.pop()
 
     def __len__(self):
-        return max(0, (len(self._tokens) - 1) // self._seq_len)
+        return self._length
 
     def __getitem__(self, index):
-        start = index * self._seq_len
-        window = self._tokens[start : start + self._seq_len + 1].astype(np.int32)
-        return {"inputs": window[:-1], "targets": window[1:]}
+        return jax.tree.map(lambda x: np.asarray(x[index]), self._arrays)
 
 
-def load_tokens(source, text_key: str) -> np.ndarray:
-    """Concatenates a text split's records into one uint8 byte stream (byte-level tokens).
+def as_dataset(data) -> grain.MapDataset:
+    """Examples from what a Task may hold as data (see `jaxtrain.Task.data`).
 
-    Holds the whole split in host memory: right for the bundled corpus (tens of MB);
-    a catalog corpus of many GB wants a pre-tokenised data set instead.
+    Raises:
+      ConfigError: `data` is none of the accepted kinds.
     """
-    parts = []
-    for index in range(len(source)):
-        text = source[index][text_key]
-        parts.append(np.frombuffer(text if isinstance(text, bytes) else text.encode(), np.uint8))
-        parts.append(np.array([DOCUMENT_SEPARATOR], np.uint8))
-    return np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
+    if callable(data) and not isinstance(data, grain.MapDataset | Mapping):
+        data = data()
+    if isinstance(data, grain.MapDataset):
+        return data
+    if isinstance(data, Mapping):
+        return grain.MapDataset.source(ArraySource(data))
+    if hasattr(data, "__len__") and hasattr(data, "__getitem__"):
+        return grain.MapDataset.source(data)
+    raise ConfigError(
+        f"task data of type {type(data).__name__} is not a grain.MapDataset, a dict of "
+        "arrays, a random-access source (len() and [i]) or a function returning one"
+    )
 
 
-def make_examples(data_config, task: str, split: str) -> grain.MapDataset:
-    """A random-access dataset of `{"inputs", "targets"}` examples for the model's task."""
-    source = get_data_source(data_config, split)
-    if task == "lm":
-        windows = TokenWindows(load_tokens(source, data_config.text_key), data_config.seq_len)
-        if not len(windows):
-            raise ConfigError(
-                f"split {split!r} of {data_config.name!r} is shorter than one "
-                f"sequence of config.data.seq_len={data_config.seq_len}"
-            )
-        return grain.MapDataset.source(windows)
-    image_key, label_key = data_config.image_key, data_config.label_key
+def example_spec(dataset: grain.MapDataset) -> dict:
+    """The structure of one example (`{key: ShapeDtypeStruct}`), read from the first one.
 
-    def to_example(record):
-        return {"inputs": np.asarray(record[image_key]), "targets": np.int32(record[label_key])}
+    Raises:
+      ConfigError: the data set is empty.
+    """
+    if len(dataset) == 0:
+        raise ConfigError("the task's data has no examples")
+    return jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype), dataset[0]
+    )
 
-    return grain.MapDataset.source(source).map(to_example)
+
+def batch_shardings(example, mesh: Mesh, rules: Rules, axes: Mapping | None = None):
+    """NamedShardings of the batch arrays: examples split over the data-parallel axes.
+
+    Args:
+      example: one example's structure (`{key: ShapeDtypeStruct}`).
+      mesh: the device mesh.
+      rules: logical-axis rules.
+      axes: logical axes of some batch arrays by key, batch dimension first (see
+        `jaxtrain.Task.batch_axes`); the others get `batch_axes(ndim)`.
+    """
+    axes = axes or {}
+
+    def sharding(path, leaf):
+        key = path[0].key if path and hasattr(path[0], "key") else None
+        names = axes.get(key) or batch_axes(len(leaf.shape) + 1)
+        return NamedSharding(mesh, rules.spec(names, where=f"batch array {key!r}"))
+
+    return jax.tree_util.tree_map_with_path(sharding, example)
+
+
+def example_sharding(batch_shardings) -> NamedSharding:
+    """The sharding of a per-example vector (such as an eval mask) laid out like the batch."""
+    first = jax.tree.leaves(batch_shardings)[0]
+    return NamedSharding(first.mesh, PartitionSpec(first.spec[0] if first.spec else None))
+
+
+def abstract_batch(example, global_batch_size: int, shardings) -> dict:
+    """The global batch as ShapeDtypeStructs carrying their shardings (checked to divide)."""
+    batch = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct((global_batch_size, *x.shape), x.dtype, sharding=s),
+        example,
+        shardings,
+    )
+    check_divisible(batch, what="batch array")
+    return batch
 
 
 def make_train_iterator(
@@ -139,11 +198,12 @@ def eval_batches(
     shard_index: int,
     shard_count: int,
 ):
-    """Yields this process's padded evaluation batches, each with a 0/1 `mask`.
+    """Yields this process's evaluation batches as (batch, mask), padded to full size.
 
     Covers the whole split, or `max_batches` global batches of examples spread evenly
     over it when `max_batches > 0` and the split is larger. Every process yields the same
-    number of equally shaped batches; padding rows have mask 0.
+    number of equally shaped batches; padding rows repeat the first example and have
+    mask 0 (real rows 1).
     """
     total = len(examples)
     num_batches = math.ceil(total / global_batch_size)
@@ -157,9 +217,7 @@ def eval_batches(
     local = indices[shard_index::shard_count].reshape(num_batches, -1)
     for row in local:
         batch = [examples[int(i)] for i in np.where(row < 0, 0, row)]
-        stacked = jax.tree.map(lambda *xs: np.stack(xs), *batch)
-        stacked["mask"] = (row >= 0).astype(np.float32)
-        yield stacked
+        yield jax.tree.map(lambda *xs: np.stack(xs), *batch), (row >= 0).astype(np.float32)
 
 
 _END = object()
@@ -172,11 +230,16 @@ class DevicePrefetcher:
     state right after the last batch *handed out* (not the last one read ahead), so a
     checkpoint that stores it resumes with exactly the next batch; `local` is that
     batch's numpy arrays (this process's rows).
+
+    Args:
+      iterator: a grain iterator of this process's batches.
+      shardings: the batch's NamedShardings (a tree like the batch, or one for all).
+      size: how many batches to make ahead.
     """
 
-    def __init__(self, iterator, sharding, size: int = 2):
+    def __init__(self, iterator, shardings, size: int = 2):
         self._iterator = iterator
-        self._sharding = sharding
+        self._shardings = shardings
         self._queue = queue.Queue(maxsize=max(1, size))
         self._stop = threading.Event()
         self.state = iterator.get_state()
@@ -188,9 +251,7 @@ class DevicePrefetcher:
         try:
             for batch in self._iterator:
                 state = self._iterator.get_state()
-                arrays = jax.tree.map(
-                    lambda x: jax.make_array_from_process_local_data(self._sharding, x), batch
-                )
+                arrays = to_global(batch, self._shardings)
                 if not self._put((arrays, batch, state)):
                     return
             self._put(_END)
@@ -221,3 +282,10 @@ class DevicePrefetcher:
     def close(self):
         self._stop.set()
         self._thread.join(timeout=10)
+
+
+def to_global(local_batch, shardings):
+    """This process's rows of a batch -> global arrays laid out as `shardings` say."""
+    if isinstance(shardings, NamedSharding):
+        shardings = jax.tree.map(lambda _: shardings, local_batch)
+    return jax.tree.map(jax.make_array_from_process_local_data, shardings, local_batch)

@@ -1,45 +1,70 @@
-"""Model registry: `config.model.name` -> an NNX module class.
+"""Models by config name: `config.model.name` -> a function `rngs -> nnx.Module`.
 
-Each class has a `task` attribute ("classification" or "lm") that picks the loss and the
-input pipeline, and takes the remaining `config.model` fields as keyword arguments.
+`name` is a bundled model ("gpt", "cnn"), built from its typed hyperparameters (the other
+`config.model` fields) and the compute and parameter dtypes of `config.precision`; or an
+import path `"package.module:Factory"` to the user's own NNX module class (or function),
+called with the other fields as keyword arguments and `rngs=`.
 """
 
+import dataclasses
 import difflib
+from collections.abc import Callable
 
 from flax import nnx
 
+from jaxtrain import imports
 from jaxtrain.errors import ConfigError
-from jaxtrain.models.cnn import CNN
-from jaxtrain.models.gpt import GPT
+from jaxtrain.models.cnn import CNN, CNNConfig
+from jaxtrain.models.gpt import GPT, GPTConfig
 
-MODELS = {"cnn": CNN, "gpt": GPT}
-
-
-def model_class(name: str):
-    """Looks up a model class by config name, with a one-line error naming the choices."""
-    if name not in MODELS:
-        close = difflib.get_close_matches(name, MODELS, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        raise ConfigError(f"unknown model {name!r}{hint}; known models: {sorted(MODELS)}")
-    return MODELS[name]
+# name -> (module class, its typed hyperparameters)
+BUNDLED = {"gpt": (GPT, GPTConfig), "cnn": (CNN, CNNConfig)}
 
 
-def make_model(model_config, *, dtype, param_dtype, rngs: nnx.Rngs) -> nnx.Module:
-    """Builds the model named by `model_config.name` from the other fields."""
-    fields = dict(model_config)
-    cls = model_class(fields.pop("name"))
-    try:
-        return cls(**fields, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.model ({model_config.name}): {e}") from e
+def hyperparameters(model_config):
+    """The bundled model's typed hyperparameters from `config.model`.
 
-
-def train_flops_per_example(config, params) -> float | None:
-    """Model FLOPs to train on one example, or None for a model with no formula.
-
-    Args:
-      config: the run's config (model and data fields).
-      params: the model's parameters (arrays or ShapeDtypeStructs).
+    Raises:
+      ConfigError: unknown model name, missing, unknown or invalid fields.
     """
-    formula = getattr(model_class(config.model.name), "train_flops_per_example", None)
-    return formula(config, params) if formula else None
+    fields = dict(model_config)
+    name = fields.pop("name")
+    if name not in BUNDLED:
+        close = difflib.get_close_matches(name, BUNDLED, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(
+            f"unknown model {name!r}{hint}; bundled models: {sorted(BUNDLED)}, "
+            "or an import path 'package.module:Class'"
+        )
+    config_class = BUNDLED[name][1]
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown, missing = sorted(set(fields) - known), sorted(known - set(fields))
+    if unknown or missing:
+        problem = f"unknown field {unknown[0]!r}" if unknown else f"missing field {missing[0]!r}"
+        raise ConfigError(f"config.model ({name}): {problem}; fields are {sorted(known)}")
+    try:
+        return config_class(**{k: _plain(v) for k, v in fields.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config.model ({name}): {e}") from e
+
+
+def _plain(value):
+    # ConfigDict fields come back as lists where the config wrote tuples; dataclasses
+    # must stay hashable (they are static parts of the model).
+    return tuple(value) if isinstance(value, list) else value
+
+
+def make_model(model_config, *, dtype, param_dtype) -> Callable[[nnx.Rngs], nnx.Module]:
+    """A function `rngs -> model` for `config.model` (see the module docstring).
+
+    Raises:
+      ConfigError: a bad name, import path or field; checked now, before any model is built.
+    """
+    name = model_config.name
+    if ":" in name:
+        factory = imports.resolve(name, "config.model.name")
+        fields = {k: v for k, v in dict(model_config).items() if k != "name"}
+        return lambda rngs: factory(**fields, rngs=rngs)
+    model_class = BUNDLED.get(name, (None,))[0]
+    cfg = hyperparameters(model_config)
+    return lambda rngs: model_class(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)

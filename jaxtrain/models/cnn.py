@@ -1,5 +1,7 @@
 """A small convolutional classifier for images [batch, height, width, channels]."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -7,33 +9,39 @@ from flax import nnx
 from jaxtrain.sharding import constrain
 
 
-class CNN(nnx.Module):
-    """Conv-ReLU-avgpool stages, then a two-layer MLP head over the flattened features."""
+@dataclasses.dataclass(frozen=True)
+class CNNConfig:
+    """The CNN's hyperparameters (`config.model` less its `name`); see configs/digits_cnn.py."""
 
-    task = "classification"
+    num_classes: int
+    image_shape: tuple[int, int, int]  # height, width, channels
+    features: tuple[int, ...]  # channels of each conv + pool stage
+    hidden_dim: int
+    dropout_rate: float
 
-    def __init__(
-        self,
-        *,
-        num_classes,
-        image_shape=(28, 28, 1),
-        features=(32, 64),
-        hidden_dim=128,
-        dropout_rate=0.0,
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        height, width, channels = image_shape
-        scale = 2 ** len(features)
+    def __post_init__(self):
+        height, width, _ = self.image_shape
+        scale = 2 ** len(self.features)
         if height % scale or width % scale:
             raise ValueError(
-                f"image_shape {tuple(image_shape)} is not divisible by {scale} "
-                f"({len(features)} pooling stages)"
+                f"image_shape {tuple(self.image_shape)} is not divisible by {scale} "
+                f"({len(self.features)} pooling stages)"
             )
+
+
+class CNN(nnx.Module):
+    """Conv-ReLU-avgpool stages, then a two-layer MLP head over the flattened features.
+
+    Dropout keeps its own RNG stream (`nnx.Dropout(rate, rngs=rngs)`, the Flax way), which
+    lives in the model's state and is checkpointed with it.
+    """
+
+    def __init__(self, cfg: CNNConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        height, width, channels = cfg.image_shape
+        scale = 2 ** len(cfg.features)
         self.dtype = dtype
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        in_out = zip((channels, *features[:-1]), features, strict=True)
+        in_out = zip((channels, *cfg.features[:-1]), cfg.features, strict=True)
         self.convs = nnx.List(
             [
                 nnx.Conv(
@@ -47,30 +55,30 @@ class CNN(nnx.Module):
                 for c_in, c_out in in_out
             ]
         )
-        flat = (height // scale) * (width // scale) * features[-1]
+        flat = (height // scale) * (width // scale) * cfg.features[-1]
         self.hidden = nnx.Linear(
             flat,
-            hidden_dim,
+            cfg.hidden_dim,
             **kw,
             kernel_metadata={"out_sharding": ("embed", "mlp")},
             bias_metadata={"out_sharding": ("mlp",)},
         )
         self.head = nnx.Linear(
-            hidden_dim,
-            num_classes,
+            cfg.hidden_dim,
+            cfg.num_classes,
             **kw,
             kernel_metadata={"out_sharding": ("mlp", "classes")},
             bias_metadata={"out_sharding": ("classes",)},
         )
-        self.dropout = nnx.Dropout(dropout_rate)
+        self.dropout = nnx.Dropout(cfg.dropout_rate, rngs=rngs)
 
-    def __call__(self, images, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    def __call__(self, images):
         # uint8 pixels in, normalised on device: 4x less host-to-device traffic than float32.
         x = images.astype(self.dtype) / 255.0
         x = constrain(x, ("activation_batch", None, None, None))
         for conv in self.convs:
             x = nnx.avg_pool(jax.nn.relu(conv(x)), window_shape=(2, 2), strides=(2, 2))
         x = x.reshape(x.shape[0], -1)
-        x = self.dropout(jax.nn.relu(self.hidden(x)), deterministic=not train, rngs=rngs)
+        x = self.dropout(jax.nn.relu(self.hidden(x)))
         logits = self.head(constrain(x, ("activation_batch", "activation_mlp")))
         return logits.astype(jnp.float32)

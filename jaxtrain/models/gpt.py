@@ -3,8 +3,12 @@
 Every parameter names its dimensions with logical axes (see jaxtrain.sharding); the
 config's rules table decides how each is laid out over the mesh. Activations are
 constrained at block boundaries so XLA does not invent surprising layouts.
+
+Its hyperparameters are one typed `GPTConfig` with no defaults: every one comes from the
+config file (`config.model`), so a field deleted there is an error, not a silent default.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -57,10 +61,6 @@ class Attention(nnx.Module):
         param_dtype,
         rngs,
     ):
-        if num_heads % num_kv_heads:
-            raise ValueError(
-                f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}"
-            )
         self.rope_base = rope_base
         self.attention_impl = None if attention_impl == "auto" else attention_impl
         std = embed_dim**-0.5
@@ -152,88 +152,82 @@ def _norm(embed_dim, dtype, param_dtype, rngs):
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class GPTConfig:
+    """The GPT's hyperparameters (`config.model` less its `name`); see configs/gpt_pysource.py."""
+
+    vocab_size: int
+    num_layers: int
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int  # < num_heads for grouped-query attention
+    head_dim: int
+    mlp_dim: int
+    rope_base: float
+    dropout_rate: float
+    attention_impl: str  # "xla", "cudnn" or "auto" (jax picks)
+    scan_layers: bool  # stack the blocks' weights and scan over them
+    remat: str  # "none", "full" or "save_dots"
+
+    def __post_init__(self):
+        if self.remat != "none" and self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat={self.remat!r}; choose one of {['none', *REMAT_POLICIES]}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+
+
 class Block(nnx.Module):
     """Pre-norm transformer block."""
 
-    def __init__(self, cfg, *, dtype, param_dtype, rngs):
+    def __init__(self, cfg: GPTConfig, *, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.attn_norm = _norm(cfg["embed_dim"], dtype, param_dtype, rngs)
+        self.attn_norm = _norm(cfg.embed_dim, dtype, param_dtype, rngs)
         self.attn = Attention(
-            cfg["embed_dim"],
-            cfg["num_heads"],
-            cfg["num_kv_heads"],
-            cfg["head_dim"],
-            cfg["rope_base"],
-            cfg["attention_impl"],
-            cfg["num_layers"],
+            cfg.embed_dim,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.head_dim,
+            cfg.rope_base,
+            cfg.attention_impl,
+            cfg.num_layers,
             **kw,
         )
-        self.mlp_norm = _norm(cfg["embed_dim"], dtype, param_dtype, rngs)
-        self.mlp = MLP(cfg["embed_dim"], cfg["mlp_dim"], cfg["num_layers"], **kw)
-        self.dropout = nnx.Dropout(cfg["dropout_rate"])
+        self.mlp_norm = _norm(cfg.embed_dim, dtype, param_dtype, rngs)
+        self.mlp = MLP(cfg.embed_dim, cfg.mlp_dim, cfg.num_layers, **kw)
+        self.dropout = nnx.Dropout(cfg.dropout_rate)
 
-    def __call__(self, x, positions, *, train, rngs):
+    def __call__(self, x, positions, *, rngs):
         y = self.attn(self.attn_norm(x), positions)
-        x = constrain(x + self.dropout(y, deterministic=not train, rngs=rngs), BLE)
+        x = constrain(x + self.dropout(y, rngs=rngs), BLE)
         y = self.mlp(self.mlp_norm(x))
-        return constrain(x + self.dropout(y, deterministic=not train, rngs=rngs), BLE)
+        return constrain(x + self.dropout(y, rngs=rngs), BLE)
 
 
 class GPT(nnx.Module):
-    """Decoder-only language model over integer tokens [batch, length] -> logits."""
+    """Decoder-only language model over integer tokens [batch, length] -> float32 logits.
 
-    task = "lm"
+    Train and eval mode are set the Flax way, `nnx.view(model, deterministic=...)`: in
+    train mode (deterministic=False) dropout draws from `rngs` passed to the call.
+    """
 
-    def __init__(
-        self,
-        *,
-        vocab_size,
-        num_layers,
-        embed_dim,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        mlp_dim,
-        rope_base=10_000.0,
-        dropout_rate=0.0,
-        attention_impl="auto",
-        scan_layers=False,
-        remat="none",
-        dtype=jnp.float32,
-        param_dtype=jnp.float32,
-        rngs: nnx.Rngs,
-    ):
-        if remat != "none" and remat not in REMAT_POLICIES:
-            raise ValueError(f"remat={remat!r}; choose one of {['none', *REMAT_POLICIES]}")
-        cfg = dict(
-            embed_dim=embed_dim,
-            num_heads=num_heads,
-            num_kv_heads=num_kv_heads,
-            head_dim=head_dim,
-            mlp_dim=mlp_dim,
-            rope_base=rope_base,
-            dropout_rate=dropout_rate,
-            attention_impl=attention_impl,
-            num_layers=num_layers,
-        )
-        self.dtype = dtype
-        self.num_layers = num_layers
-        self.scan_layers = scan_layers
-        self.remat = remat
-        self.use_dropout = dropout_rate > 0
+    def __init__(self, cfg: GPTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.deterministic = False
         self.embed = nnx.Embed(
-            vocab_size,
-            embed_dim,
+            cfg.vocab_size,
+            cfg.embed_dim,
             embedding_init=_init(1.0),
             dtype=dtype,
             param_dtype=param_dtype,
             rngs=rngs,
             embedding_metadata={"out_sharding": ("vocab", "embed")},
         )
-        if scan_layers:
+        if cfg.scan_layers:
             # One Block whose parameters carry a leading "layers" axis: the forward pass is
             # a scan over it, so compile time and program size do not grow with depth.
-            @nnx.split_rngs(splits=num_layers)
+            @nnx.split_rngs(splits=cfg.num_layers)
             @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
             def stacked(rngs):
                 return Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -243,13 +237,13 @@ class GPT(nnx.Module):
             self.blocks = nnx.List(
                 [
                     Block(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-                    for _ in range(num_layers)
+                    for _ in range(cfg.num_layers)
                 ]
             )
-        self.final_norm = _norm(embed_dim, dtype, param_dtype, rngs)
+        self.final_norm = _norm(cfg.embed_dim, dtype, param_dtype, rngs)
         self.lm_head = nnx.Linear(
-            embed_dim,
-            vocab_size,
+            cfg.embed_dim,
+            cfg.vocab_size,
             use_bias=False,
             # Small logits at init: the first loss is ~ln(vocab_size).
             kernel_init=_init(0.02),
@@ -259,33 +253,27 @@ class GPT(nnx.Module):
             kernel_metadata={"out_sharding": ("embed", "vocab")},
         )
 
-    @staticmethod
-    def train_flops_per_example(config, params) -> float:
-        """Model FLOPs to train on one sequence: forward and backward, remat excluded.
+    def set_view(self, deterministic: bool | None = None):
+        """Used by `nnx.view`: train mode (False) turns dropout on."""
+        if deterministic is not None:
+            self.deterministic = deterministic
 
-        PaLM (appendix B): 6 per weight per token for the matmuls (the input embedding is
-        a lookup, not a matmul), plus 12 * layers * heads * head_dim * length per token for
-        attention scores and values. This is the numerator of MFU.
-        """
-        model, length = config.model, config.data.seq_len
-        weights = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
-        weights -= math.prod(params["embed"]["embedding"].shape)
-        attention = 12 * model.num_layers * model.num_heads * model.head_dim * length
-        return float((6 * weights + attention) * length)
-
-    def __call__(self, tokens, *, train: bool = False, rngs: nnx.Rngs | None = None):
+    def __call__(self, tokens, *, rngs: nnx.Rngs | None = None):
+        cfg = self.cfg
         positions = jnp.arange(tokens.shape[1])
         x = constrain(self.embed(tokens), BLE)
         # One dropout key per layer, drawn the same way whether layers are scanned or not.
-        dropout = train and self.use_dropout and rngs is not None
-        keys = jax.random.split(rngs.dropout() if dropout else jax.random.key(0), self.num_layers)
+        dropout = not self.deterministic and cfg.dropout_rate > 0
+        if dropout and rngs is None:
+            raise ValueError("GPT in train mode with dropout needs `rngs` for its dropout keys")
+        keys = jax.random.split(rngs.dropout() if dropout else jax.random.key(0), cfg.num_layers)
 
         def apply_block(x, block, key):
-            return block(x, positions, train=train, rngs=nnx.Rngs(dropout=key) if dropout else None)
+            return block(x, positions, rngs=nnx.Rngs(dropout=key) if dropout else None)
 
-        if self.remat != "none":
-            apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[self.remat])
-        if self.scan_layers:
+        if cfg.remat != "none":
+            apply_block = nnx.remat(apply_block, policy=REMAT_POLICIES[cfg.remat])
+        if cfg.scan_layers:
             scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, 0), out_axes=nnx.Carry)
             x = scan(x, self.blocks, keys)
         else:
@@ -295,3 +283,21 @@ class GPT(nnx.Module):
         # Loss and softmax in float32 whatever the compute dtype.
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
+
+
+def train_flops_per_sequence(cfg: GPTConfig, params, seq_len: int) -> float:
+    """Model FLOPs to train on one sequence: forward and backward, remat excluded.
+
+    PaLM (appendix B): 6 per weight per token for the matmuls (the input embedding is a
+    lookup, not a matmul), plus 12 * layers * heads * head_dim * length per token for
+    attention scores and values. This is the numerator of MFU.
+
+    Args:
+      cfg: the model's hyperparameters.
+      params: its parameters (arrays or ShapeDtypeStructs), nested dicts.
+      seq_len: tokens per sequence.
+    """
+    weights = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
+    weights -= math.prod(params["embed"]["embedding"].shape)
+    attention = 12 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+    return float((6 * weights + attention) * seq_len)

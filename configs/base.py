@@ -1,0 +1,67 @@
+"""The fields every run config has, with their defaults; a config file starts from these.
+
+from jaxtrain.configs import base
+
+def get_config(arg=None):
+    c = base.get_config()
+    c.task = "mypkg.tasks:make_task"
+    ...
+    return c
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    # What to train: "lm", "classification", or "package.module:make_task", a function
+    # of the config returning a jaxtrain.Task.
+    c.task = ""
+    c.seed = 0  # parameter init, and the keys each step's rngs are drawn from
+    c.global_batch_size = 32  # examples per step, all devices and processes together
+    c.num_train_steps = 100
+    c.log_every_steps = 10
+    c.eval_every_steps = 100
+    c.eval_steps = -1  # eval batches per evaluation, spread over the split; -1 = all of it
+    c.checkpoint_every_steps = 100
+    # Gradient accumulation: each global batch runs as this many sequential parts (same
+    # update, 1/microbatches of the activation memory).
+    c.microbatches = 1
+
+    # Mesh axis sizes; -1 takes the devices left over. Order: data, fsdp, sequence, tensor.
+    c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
+    # Logical axis -> mesh axes. Changing parallelism is an edit here, not in the model.
+    # "activation_batch" splits every input batch's leading (example) dimension.
+    c.rules = (("activation_batch", ("data", "fsdp")),)
+
+    c.data = dict(
+        seed=0,  # shuffle order
+        prefetch=2,  # batches made ready on device ahead of the step
+    )
+    c.model = dict()  # the model's fields, read by the task (see the bundled configs)
+    c.optim = dict(
+        lr=1e-3,  # peak learning rate, after warmup
+        min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio
+        warmup_steps=0,  # linear warmup from 0 to lr
+        b1=0.9,  # AdamW's first-moment decay
+        b2=0.999,  # AdamW's second-moment decay
+        eps=1e-8,  # AdamW's denominator epsilon
+        weight_decay=0.0,  # decoupled weight decay, on matrices and kernels only
+        grad_clip_norm=1.0,  # clip the gradients' global norm to this
+    )
+    # A step whose loss or gradients are not finite never updates the state. Then:
+    # "abort" stops with a report (step, loss, first bad gradient) and the batch saved in
+    # the workdir; "skip" goes on (aborting after max_consecutive_skips in a row);
+    # "rollback" restores the last checkpoint and goes on past the offending batches.
+    c.nonfinite = dict(policy="abort", max_consecutive_skips=10)
+    # "auto": bfloat16 compute on GPU/TPU, float32 on CPU; parameters stay float32.
+    c.precision = dict(compute_dtype="auto", param_dtype="float32")
+    c.checkpoint = dict(
+        keep_latest=3,  # the newest N steps are kept (>= 1: a rerun resumes from the newest)
+        keep_best=0,  # also keep the K best evaluated steps by best_metric; 0 = off
+        best_metric="loss",  # the eval metric that ranks steps for keep_best
+        best_mode="min",  # "min" or "max": which end of best_metric is best
+        keep_every_steps=0,  # also keep, permanently, every step that is a multiple; 0 = off
+        async_save=True,  # write in the background while training goes on
+    )
+    return c

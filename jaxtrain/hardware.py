@@ -1,0 +1,55 @@
+"""The accelerators jaxtrain knows: memory and dense bf16 peak per device, one lookup rule.
+
+MFU (model FLOPs utilisation) divides by a chip's peak; `jaxtrain plan` checks fit against
+its memory. Both read this one table. A device that matches no entry (CPUs included) has
+no peak: MFU is then left out, not guessed.
+"""
+
+import dataclasses
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+    """One accelerator (one JAX device)."""
+
+    platform: str  # "tpu", "gpu" or "cpu"
+    memory_bytes: int | None  # per device; None: no limit worth checking (CPU)
+    peak_bf16_flops: float | None  # dense, no sparsity, per device; None: unknown
+    # Prefixes of jax's `device.device_kind` that name this chip.
+    device_kinds: tuple[str, ...] = ()
+    cores_per_device: int = 1  # TensorCores a TPU topology name counts per device
+    tpu_name: str = ""  # libtpu's name for the generation ("v5e" in "v5e:4x4")
+
+
+# From the vendors' spec sheets: TPU HBM in GiB, GPU memory in (decimal) GB.
+CHIPS = {
+    "v4": Chip("tpu", 32 * GiB, 275e12, ("TPU v4",), cores_per_device=2, tpu_name="v4"),
+    "v5e": Chip("tpu", 16 * GiB, 197e12, ("TPU v5 lite", "TPU v5e"), tpu_name="v5e"),
+    # Some runtimes report v5p as plain "TPU v5"; the longest prefix wins over v5e's.
+    "v5p": Chip("tpu", 95 * GiB, 459e12, ("TPU v5p", "TPU v5"), cores_per_device=2, tpu_name="v5"),
+    "v6e": Chip("tpu", 32 * GiB, 918e12, ("TPU v6 lite", "TPU v6e"), tpu_name="v6e"),
+    "h100": Chip("gpu", 80 * 10**9, 989e12, ("NVIDIA H100",)),
+    "h200": Chip("gpu", 141 * 10**9, 989e12, ("NVIDIA H200",)),
+    "a100": Chip("gpu", 80 * 10**9, 312e12, ("NVIDIA A100",)),
+    # Reported as "NVIDIA A100" too: the lookup, first entry first on a tie, says "a100".
+    "a100_40gb": Chip("gpu", 40 * 10**9, 312e12, ("NVIDIA A100",)),
+    "cpu": Chip("cpu", None, None),
+}
+
+
+def chip_for_device_kind(device_kind: str, chips: dict[str, Chip] | None = None) -> Chip | None:
+    """The chip whose longest `device_kinds` prefix matches jax's device_kind, or None."""
+    best, best_length = None, -1
+    for chip in (CHIPS if chips is None else chips).values():
+        for prefix in chip.device_kinds:
+            if device_kind.startswith(prefix) and len(prefix) > best_length:
+                best, best_length = chip, len(prefix)
+    return best
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of one jax device, or None when its kind is unknown."""
+    chip = chip_for_device_kind(device.device_kind)
+    return chip.peak_bf16_flops if chip else None

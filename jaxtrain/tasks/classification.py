@@ -1,0 +1,72 @@
+"""The bundled image-classification task: softmax cross-entropy over integer labels.
+
+`config.task = "classification"`: the model named by `config.model` (the bundled CNN, or
+an import path to any module mapping uint8 images [batch, height, width, channels] to
+logits [batch, classes]), trained on a TFDS image data set (`config.data`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxtrain import data, models, precision
+from jaxtrain.tasks import Task
+
+
+def example_losses(logits, labels):
+    """Per-example cross-entropy and correctness (float32), each [batch]."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    correct = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return losses, correct
+
+
+def loss(model, batch, rngs):
+    """Mean cross-entropy of a batch, and its accuracy."""
+    losses, correct = example_losses(model(batch["inputs"]), batch["targets"])
+    return jnp.mean(losses), {"accuracy": jnp.mean(correct)}
+
+
+def eval_metrics(model, batch, rngs):
+    """Per-example loss and accuracy."""
+    losses, correct = example_losses(model(batch["inputs"]), batch["targets"])
+    return {"loss": losses, "accuracy": correct}
+
+
+def labelled_images(data_config, split: str):
+    """A TFDS image split as `{"inputs": uint8 image, "targets": int32 label}` examples."""
+    records = data.from_tfds(data_config.name, split, data_dir=data_config.data_dir)
+    image_key, label_key = data_config.image_key, data_config.label_key
+    return records.map(
+        lambda r: {"inputs": np.asarray(r[image_key]), "targets": np.int32(r[label_key])}
+    )
+
+
+def make_task(config) -> Task:
+    """The classification task of a config (configs/digits_cnn.py); loads no data.
+
+    One example's image shape comes from `config.model.image_shape` when the model has
+    that field (the bundled CNN), otherwise from the first training example.
+
+    Raises:
+      ConfigError: an unknown data set or model, or bad model fields.
+    """
+    data.pipeline.get_builder(config.data.name, config.data.data_dir)  # a bad name fails now
+    compute_dtype, param_dtype = precision.dtypes(config.precision)
+    model = models.make_model(config.model, dtype=compute_dtype, param_dtype=param_dtype)
+    return Task(
+        model=model,
+        loss=loss,
+        data=lambda: labelled_images(config.data, config.data.train_split),
+        eval_data=lambda: labelled_images(config.data, config.data.eval_split),
+        eval_metrics=eval_metrics,
+        example=(
+            {
+                "inputs": jax.ShapeDtypeStruct(tuple(config.model.image_shape), jnp.uint8),
+                "targets": jax.ShapeDtypeStruct((), jnp.int32),
+            }
+            if "image_shape" in config.model
+            else None
+        ),
+        name=config.model.name,
+    )

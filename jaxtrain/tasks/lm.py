@@ -1,0 +1,118 @@
+"""The bundled language-modelling task: next-token cross-entropy over byte-level text.
+
+`config.task = "lm"`: the model named by `config.model` (the bundled GPT, or an import
+path to any module mapping tokens [batch, length] to logits [batch, length, vocab]),
+trained on consecutive windows of a TFDS text data set's bytes (`config.data`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxtrain import data, models, precision
+from jaxtrain.errors import ConfigError
+from jaxtrain.models import gpt
+from jaxtrain.tasks import Task
+
+# Separates documents in the byte stream of a text data set; source files contain no NULs.
+DOCUMENT_SEPARATOR = 0
+
+
+def token_losses(logits, targets):
+    """Per-token cross-entropy and correctness (float32), each [batch, length]."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return losses, correct
+
+
+def loss(model, batch, rngs):
+    """Mean next-token cross-entropy of a batch, and its token accuracy."""
+    losses, correct = token_losses(model(batch["inputs"], rngs=rngs), batch["targets"])
+    return jnp.mean(losses), {"accuracy": jnp.mean(correct)}
+
+
+def eval_metrics(model, batch, rngs):
+    """Per-token loss and accuracy: evaluation averages them over every real token."""
+    losses, correct = token_losses(model(batch["inputs"]), batch["targets"])
+    return {"loss": losses, "accuracy": correct}
+
+
+def summarize_eval(metrics: dict) -> dict:
+    """Adds the perplexity, exp(mean loss per token)."""
+    return {**metrics, "perplexity": float(np.exp(min(metrics["loss"], 50.0)))}
+
+
+class TokenWindows:
+    """Random-access language-model examples: consecutive windows of a byte stream."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int):
+        self._tokens = tokens
+        self._seq_len = seq_len
+
+    def __len__(self):
+        return max(0, (len(self._tokens) - 1) // self._seq_len)
+
+    def __getitem__(self, index):
+        start = index * self._seq_len
+        window = self._tokens[start : start + self._seq_len + 1].astype(np.int32)
+        return {"inputs": window[:-1], "targets": window[1:]}
+
+
+def load_tokens(records, text_key: str) -> np.ndarray:
+    """Concatenates a text split's records into one uint8 byte stream (byte-level tokens).
+
+    Holds the whole split in host memory: right for the bundled corpus (tens of MB);
+    a catalog corpus of many GB wants a pre-tokenised data set instead.
+    """
+    parts = []
+    for index in range(len(records)):
+        text = records[index][text_key]
+        parts.append(np.frombuffer(text if isinstance(text, bytes) else text.encode(), np.uint8))
+        parts.append(np.array([DOCUMENT_SEPARATOR], np.uint8))
+    return np.concatenate(parts) if parts else np.zeros((0,), np.uint8)
+
+
+def text_windows(data_config, split: str) -> TokenWindows:
+    """`seq_len`-byte windows (inputs, and targets shifted by one) of a TFDS text split.
+
+    Raises:
+      ConfigError: an unknown data set or split, or a split shorter than one window.
+    """
+    records = data.from_tfds(data_config.name, split, data_dir=data_config.data_dir)
+    windows = TokenWindows(load_tokens(records, data_config.text_key), data_config.seq_len)
+    if not len(windows):
+        raise ConfigError(
+            f"split {split!r} of {data_config.name!r} is shorter than one "
+            f"sequence of config.data.seq_len={data_config.seq_len}"
+        )
+    return windows
+
+
+def make_task(config) -> Task:
+    """The LM task of a config (configs/gpt_pysource.py); checks names, loads no data.
+
+    Raises:
+      ConfigError: an unknown data set or model, or bad model fields.
+    """
+    data.pipeline.get_builder(config.data.name, config.data.data_dir)  # a bad name fails now
+    compute_dtype, param_dtype = precision.dtypes(config.precision)
+    model = models.make_model(config.model, dtype=compute_dtype, param_dtype=param_dtype)
+    seq_len = config.data.seq_len
+    tokens = jax.ShapeDtypeStruct((seq_len,), jnp.int32)
+    flops = None
+    if config.model.name == "gpt":
+        cfg = models.hyperparameters(config.model)
+        flops = lambda params: gpt.train_flops_per_sequence(cfg, params, seq_len)  # noqa: E731
+    return Task(
+        model=model,
+        loss=loss,
+        data=lambda: text_windows(config.data, config.data.train_split),
+        eval_data=lambda: text_windows(config.data, config.data.eval_split),
+        eval_metrics=eval_metrics,
+        summarize_eval=summarize_eval,
+        example={"inputs": tokens, "targets": tokens},
+        flops_per_example=flops,
+        tokens_per_example=seq_len,
+        name=config.model.name,
+    )
