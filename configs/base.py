@@ -63,5 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
         best_mode="min",  # "min" or "max": which end of best_metric is best
         keep_every_steps=0,  # also keep, permanently, every step that is a multiple; 0 = off
         async_save=True,  # write in the background while training goes on
+        # When every checkpoint in the workdir is damaged: True starts again from step 0
+        # (they are kept as <step>.damaged); False refuses, so progress is never lost silently.
+        restart_if_all_damaged=False,
+        # Resume although the config changed fields that change what the run means (model,
+        # data, batch, seed, optimizer); False refuses with the differences.
+        allow_config_changes=False,
     )
     return c

@@ -1,13 +1,15 @@
 """Thin Orbax wrapper: save, restore onto the current shardings, retention.
 
-A checkpoint step holds three items: `state` (the TrainState: step, params, optimizer
-state, model state, RNG), `data` (the input iterator's position, JSON) and `config`
-(JSON), so a rerun of the same command continues with the next step and the next batch.
+A checkpoint step holds four items: `state` (the TrainState: step, params, optimizer
+state, model state, RNG), `data` (the input iterator's position, JSON), `config` (JSON)
+and `checksums` (every state array's checksum, JSON), so a rerun of the same command
+continues with the next step and the next example.
 
-Never load garbage: each step is vetted before it is used (`jaxtrain.integrity`). A
-damaged step is skipped with a warning and, once the run may write, moved aside to
-`<step>.damaged` for inspection, out of the way of Orbax's retention and of the next save
-of that step.
+Never load garbage: each step is vetted before it is used and its arrays checked against
+their checksums after restore (`jaxtrain.integrity`). A damaged step is skipped with a
+warning and, once the run may write, moved aside to `<step>.damaged` for inspection, out
+of the way of Orbax's retention and of the next save of that step. A step that cannot be
+read because the environment failed (permission, I/O) stops the run and is left alone.
 """
 
 import math
@@ -21,14 +23,24 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxtrain.errors import ConfigError
-from jaxtrain.integrity import damage, newest_whole_step, reason, steps
+from jaxtrain.errors import ConfigError, StorageError
+from jaxtrain.integrity import (
+    CHECKSUMS_ITEM,
+    checksum_mismatch,
+    checksums,
+    damage,
+    environmental,
+    newest_whole_step,
+    reason,
+    saved_json,
+    steps,
+)
 from jaxtrain.sharding import path_str
 
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-class CheckpointWriteError(ConfigError):
+class CheckpointWriteError(StorageError):
     """Checkpoints cannot be written (unwritable directory, disk full); older ones are intact."""
 
 
@@ -55,21 +67,45 @@ def check_config(checkpoint_config) -> None:
         )
     if not c.best_metric:
         raise ConfigError("config.checkpoint.best_metric must name an eval metric, e.g. 'loss'")
+    for key in ("restart_if_all_damaged", "allow_config_changes"):
+        if not isinstance(c[key], bool):
+            raise ConfigError(f"config.checkpoint.{key} must be True or False, got {c[key]!r}")
 
 
-def latest_compatible_step(workdir: str, abstract_state) -> int | None:
+def latest_compatible_step(
+    workdir: str, abstract_state, *, restart_if_all_damaged: bool = False
+) -> int | None:
     """The newest whole checkpoint step in `workdir`, after checking it fits `abstract_state`.
 
     Damaged or incomplete steps are skipped with a warning naming each. Reads metadata
     only and writes nothing, so it can run before a run touches its workdir.
 
+    Args:
+      workdir: the run directory.
+      abstract_state: the run's TrainState of ShapeDtypeStructs.
+      restart_if_all_damaged: when every step is damaged, start over (None) instead of
+        refusing (`config.checkpoint.restart_if_all_damaged`).
+
+    Returns:
+      The step, or None when there is none to resume from.
+
     Raises:
       ConfigError: the checkpoint's model variables (params, model_state) differ in
-        structure or shape.
+        structure or shape, or every step is damaged (throwing away the run's progress
+        must be asked for).
+      StorageError: a step could not be read for the environment's sake.
     """
     directory = checkpoint_dir(workdir)
     step = newest_whole_step(directory, warn=True)
     if step is None:
+        found = steps(directory)
+        if found and not restart_if_all_damaged:
+            raise ConfigError(
+                f"every checkpoint in {directory!r} is damaged (steps "
+                f"{', '.join(map(str, found))}; see the warnings above), so this run would "
+                "start again from step 0; set --config.checkpoint.restart_if_all_damaged=True "
+                "to do that (the damaged steps are kept, as <step>.damaged)"
+            )
         return None
     saved = ocp.StandardCheckpointHandler().metadata(epath.Path(directory) / str(step) / "state")
     saved = getattr(saved, "tree", saved)
@@ -94,6 +130,11 @@ def latest_compatible_step(workdir: str, abstract_state) -> int | None:
     return step
 
 
+def saved_config(workdir: str, step: int) -> dict:
+    """The config a checkpoint step was saved with."""
+    return saved_json(os.path.join(checkpoint_dir(workdir), str(step)), "config")
+
+
 def _shapes(tree) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: hasattr(x, "shape"))[0]
     return {path_str(path): _stored_shape(leaf) for path, leaf in leaves}
@@ -113,6 +154,7 @@ def _item_handlers():
         "state": ocp.StandardCheckpointHandler(),
         "data": ocp.JsonCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(),
+        CHECKSUMS_ITEM: ocp.JsonCheckpointHandler(),
     }
 
 
@@ -167,6 +209,7 @@ class Checkpointer:
         check_config(checkpoint_config)
         c = checkpoint_config
         self.directory = checkpoint_dir(workdir)
+        self._restart_if_all_damaged = c.restart_if_all_damaged
         self._best_metric = c.best_metric if c.keep_best else None
         self._pending_step = None  # the step whose save may still run in the background
         self._failed = False  # a save error was raised already; close() stays quiet
@@ -227,13 +270,15 @@ class Checkpointer:
             full, directory gone read-only); the newest whole step is named and intact.
           ConfigError: `best_metric` is not among the eval metrics.
         """
-        metrics = {k: float(v) for k, v in (eval_metrics or {}).items()}
-        if metrics and self._best_metric and self._best_metric not in metrics:
+        # A non-finite metric must not rank a step as best (NaN sorts anywhere).
+        metrics = {k: float(v) for k, v in (eval_metrics or {}).items() if math.isfinite(v)}
+        if eval_metrics and self._best_metric and self._best_metric not in eval_metrics:
             raise ConfigError(
                 f"config.checkpoint.best_metric={self._best_metric!r} is not an eval metric; "
                 f"the evaluation gives {sorted(metrics)}"
             )
         self.wait_until_finished()
+        sums = checksums(state)  # on device, before the arrays may be donated to a step
         try:
             saved = self.manager.save(
                 step,
@@ -242,6 +287,7 @@ class Checkpointer:
                     state=ocp.args.StandardSave(state),
                     data=ocp.args.JsonSave(data_state),
                     config=ocp.args.JsonSave(config_dict),
+                    **{CHECKSUMS_ITEM: ocp.args.JsonSave(sums)},
                 ),
             )
         except Exception as e:
@@ -256,43 +302,67 @@ class Checkpointer:
     def restore(self, step: int, abstract_state):
         """Restores straight onto the shardings in `abstract_state` (no gather to one device).
 
-        Each process reads only the slices its devices hold. If `step` fails to read (a file
-        damaged inside its bytes), the next older step is tried with a warning; `state.step`
-        says which step came back. Steps that failed are set aside once an older one restores.
+        Each process reads only the slices its devices hold, and every array is checked
+        against its saved checksum. If `step` fails to read or to match (bytes damaged in
+        place), the next older step is tried with a warning naming the step and the cause;
+        `state.step` says which step came back. Steps that failed are set aside once an
+        older one restores.
 
         Returns:
-          (state, data_state).
+          (state, data_state), or None when every step failed and
+          `restart_if_all_damaged` allows starting over (they are then all set aside).
+
+        Raises:
+          StorageError: a read failed for the environment's sake (permission, I/O): the
+            run stops and the step is left as it is.
+          ConfigError: every step failed, and starting over was not asked for.
         """
         older = [s for s in reversed(self.manager.all_steps()) if s < step]
-        failed, first_error = [], None
+        failed = []
         for candidate in [step, *older]:
+            path = os.path.join(self.directory, str(candidate))
             try:
                 restored = self.manager.restore(
                     candidate,
                     args=ocp.args.Composite(
                         state=ocp.args.StandardRestore(abstract_state),
                         data=ocp.args.JsonRestore(),
+                        **{CHECKSUMS_ITEM: ocp.args.JsonRestore()},
                     ),
                 )
-            except Exception as e:  # any read failure means: try the step before
-                first_error = first_error or e
-                failed.append((candidate, reason(e)))
+                problem = checksum_mismatch(restored["state"], restored[CHECKSUMS_ITEM])
+            except Exception as e:
+                if environmental(e):
+                    raise StorageError(f"cannot read checkpoint {path!r}: {reason(e)}") from e
+                problem = reason(e)
+            if problem:  # the step's own damage: try the one before
+                failed.append((candidate, problem))
                 logging.warning(
                     "checkpoint step %d (%s) failed to restore, trying the previous one: %s",
                     candidate,
-                    os.path.join(self.directory, str(candidate)),
-                    reason(e),
+                    path,
+                    problem,
                 )
                 continue
-            # Only now is it clear the failures were the steps' own, not this program's.
-            if jax.process_index() == 0:
-                for bad, problem in failed:
-                    self._set_aside(bad, f"failed to restore: {problem}")
-            _sync("jaxtrain_checkpoint_restore")
-            if failed:
-                self.manager.reload()
+            self._set_aside_all(failed)
             return restored["state"], restored["data"]
-        raise first_error
+        if not self._restart_if_all_damaged:
+            raise ConfigError(
+                f"no checkpoint in {self.directory!r} restores ("
+                + "; ".join(f"step {s}: {p}" for s, p in failed)
+                + "); set --config.checkpoint.restart_if_all_damaged=True to start again "
+                "from step 0 (the damaged steps are kept, as <step>.damaged)"
+            )
+        self._set_aside_all(failed)
+        return None
+
+    def _set_aside_all(self, failed) -> None:
+        if jax.process_index() == 0:
+            for bad, problem in failed:
+                self._set_aside(bad, f"failed to restore: {problem}")
+        _sync("jaxtrain_checkpoint_restore")
+        if failed:
+            self.manager.reload()
 
     def wait_until_finished(self) -> None:
         """Blocks until the background save, if any, has committed.

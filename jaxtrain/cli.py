@@ -5,17 +5,20 @@
 
 `--config` is a config file's path or the name of a bundled config (configs/).
 
-Exit status: 0 done; 2 bad input (a missing config file, an unknown or mistyped override,
-a mesh that does not fit the devices, ...: one line `jaxtrain: error: ...`, and the workdir
-untouched); 3 a non-finite loss or gradient stopped the run (config.nonfinite); 75
-preempted (SIGTERM): a checkpoint of the last step has committed, rerun the same command.
+Exit status (see jaxtrain/errors.py): 0 done; 2 bad input (a missing config file, an
+unknown or mistyped override, a mesh that does not fit the devices, a workdir another run
+holds, ...: one line `jaxtrain: error: ...`, and the workdir untouched); 3 a non-finite
+loss, gradient or update stopped the run (config.nonfinite); 74 the disk or file system
+failed (one line naming the path and the cause); 75 preempted (SIGTERM): a checkpoint of
+the last step has committed, rerun the same command; 130 Ctrl-C, likewise.
 """
 
 import difflib
+import signal
 import sys
 
 from jaxtrain.config import config_path, load_config
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import EXIT_BAD_INPUT, ConfigError
 
 USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
                       [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
@@ -27,8 +30,6 @@ commands:
           h100x8x4, cpu-8, ...): per-device memory and whether it fits, FLOPs per step,
           collectives; --json for machine-readable output
 """
-
-EXIT_BAD_INPUT = 2
 
 
 def _error(message: str) -> int:
@@ -141,27 +142,34 @@ def main(argv: list[str]) -> int:
     except Exception as e:  # absl flag errors, unknown config keys, bad values
         return _error(_diagnose(args, e))
 
-    from jaxtrain.nonfinite import EXIT_NONFINITE, NonFiniteError
-    from jaxtrain.preemption import EXIT_PREEMPTED, Preempted
+    from jaxtrain.errors import EXIT_IO, EXIT_NONFINITE, StorageError
+    from jaxtrain.nonfinite import NonFiniteError
+    from jaxtrain.preemption import Preempted, restore_signal_handlers, stop_at_once_on_signals
 
     try:
         if command == "train":
-            from jaxtrain import distributed
-            from jaxtrain.train import train_and_evaluate
-
-            # First: jax sizes its backend to the whole job when the backend starts.
-            if distributed.initialize(
-                flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
-            ):
-                print(distributed.describe(), flush=True)  # each host's log says which it is
+            # Before anything slow: a signal until the run installs its own handling (in
+            # train_and_evaluate) stops the command at once, with nothing to save.
+            previous = stop_at_once_on_signals()
             try:
-                train_and_evaluate(flag_values.config, flag_values.workdir)
+                return _train(flag_values)
             except Preempted as e:
                 print(f"jaxtrain: {e}", file=sys.stderr)
-                return EXIT_PREEMPTED
+                return e.exit_status
             except NonFiniteError as e:
                 print(f"jaxtrain: error: {e}", file=sys.stderr)
                 return EXIT_NONFINITE
+            except StorageError as e:
+                print(f"jaxtrain: error: {' '.join(str(e).split())}", file=sys.stderr)
+                return EXIT_IO
+            finally:
+                if _CONSOLE:
+                    # Python resets its own handlers to the default (terminate) while the
+                    # interpreter shuts down: only SIG_IGN keeps a late signal from turning
+                    # the status into 143.
+                    restore_signal_handlers(dict.fromkeys(previous, signal.SIG_IGN))
+                else:  # called from Python (tests, notebooks): put them back
+                    restore_signal_handlers(previous)
         else:
             # Nothing before this may start jax's backend: plan first sets the CPU device count.
             from jaxtrain import plan
@@ -173,8 +181,27 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _train(flag_values) -> int:
+    from jaxtrain import distributed
+    from jaxtrain.train import train_and_evaluate
+
+    # First: jax sizes its backend to the whole job when the backend starts.
+    if distributed.initialize(
+        flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+    ):
+        print(distributed.describe(), flush=True)  # each host's log says which it is
+    train_and_evaluate(flag_values.config, flag_values.workdir)
+    return 0
+
+
+# True in the `jaxtrain` process itself, whose signal handlers stay ours to its end.
+_CONSOLE = False
+
+
 def run() -> None:
     """Console-script entry point."""
+    global _CONSOLE
+    _CONSOLE = True
     sys.exit(main(sys.argv))
 
 

@@ -6,6 +6,7 @@ config = load_config("path/to/my_config.py:arg")    # or a file
 
 import importlib.resources
 import importlib.util
+import math
 import os
 
 import ml_collections
@@ -71,8 +72,28 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
     return module.get_config(arg) if arg else module.get_config()
 
 
+# The step counter is an int32 on device.
+MAX_STEPS = 2**31 - 1
+
+
+def _check(ok: bool, field: str, value, what: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field} must be {what}, got {value!r}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate(config) -> None:
     """Checks a run config's values before anything is built or written.
+
+    The fields every run has (configs/base.py); a task checks its own (`config.data`,
+    `config.model`) when it is built.
 
     Raises:
       ConfigError: the first bad field, named, with why.
@@ -80,8 +101,34 @@ def validate(config) -> None:
     from jaxtrain import checkpoint, nonfinite, precision
 
     for key in _POSITIVE:
-        if config[key] <= 0:
-            raise ConfigError(f"config.{key} must be positive, got {config[key]}")
+        _check(_is_int(config[key]) and config[key] > 0, key, config[key], "a positive integer")
+    _check(
+        config.num_train_steps <= MAX_STEPS,
+        "num_train_steps",
+        config.num_train_steps,
+        f"at most {MAX_STEPS} (the step counter is an int32)",
+    )
+    _check(_is_int(config.eval_steps), "eval_steps", config.eval_steps, "an integer (-1: all)")
+    _check(_is_int(config.seed), "seed", config.seed, "an integer")
+    _check(_is_int(config.data.seed), "data.seed", config.data.seed, "an integer")
+    _check(
+        _is_int(config.data.prefetch) and config.data.prefetch >= 1,
+        "data.prefetch",
+        config.data.prefetch,
+        "a positive integer",
+    )
+    o = config.optim
+    for key, ok, what in (
+        ("lr", _is_number(o.lr) and o.lr >= 0, "a finite number >= 0"),
+        ("min_lr_ratio", _is_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        ("warmup_steps", _is_int(o.warmup_steps) and o.warmup_steps >= 0, "an integer >= 0"),
+        ("b1", _is_number(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
+        ("b2", _is_number(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
+        ("eps", _is_number(o.eps) and o.eps > 0, "a positive number"),
+        ("weight_decay", _is_number(o.weight_decay) and o.weight_decay >= 0, "a number >= 0"),
+        ("grad_clip_norm", _is_number(o.grad_clip_norm) and o.grad_clip_norm > 0, "positive"),
+    ):
+        _check(ok, f"optim.{key}", o[key], what)
     for key in ("compute_dtype", "param_dtype"):
         precision.resolve_dtype(config.precision[key], "cpu")
     checkpoint.check_config(config.checkpoint)

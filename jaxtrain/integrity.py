@@ -1,19 +1,117 @@
-"""Is a checkpoint step whole? Checks that read metadata only and write nothing.
+"""Is a checkpoint step whole, and is what it holds what was saved?
 
 Orbax lists every directory named like a step, committed or not, so each step is checked
 before it is used: its commit marker, its metadata, and every file and byte range the
-array store's index points at.
+array store's index points at (metadata only, writing nothing). Orbax stores array chunks
+without a data checksum, so a flipped bit would load silently: every array's checksum is
+saved with the step and compared after restore (`checksums`).
+
+A failure is either damage (the step is set aside and an older one used) or the
+environment failing under the run (permission, an I/O or network file system error):
+then the run stops with StorageError and the step is left as it is (`environmental`).
 """
 
+import errno
 import json
 import os
 import re
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import tensorstore as ts
 from absl import logging
 
+from jaxtrain.errors import StorageError
+from jaxtrain.sharding import path_str
+
 _STEP_NAME = re.compile(r"0|[1-9]\d*")  # Orbax's default step directory names
 COMMIT_MARKER = "commit_success.txt"  # written last, just before the step is renamed in place
+CHECKSUMS_ITEM = "checksums"
+
+# Errors of the environment, not of the checkpoint's bytes: retrying later may succeed.
+_ENVIRONMENTAL = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EIO,
+    errno.ESTALE,
+    errno.ENOTCONN,
+    errno.ETIMEDOUT,
+    errno.EHOSTDOWN,
+    errno.ECONNRESET,
+    errno.ENOMEM,
+}
+_ENVIRONMENTAL_STATUS = ("PERMISSION_DENIED", "UNAVAILABLE", "DEADLINE_EXCEEDED")
+
+
+def environmental(error: BaseException) -> bool:
+    """True when a read failed for the environment's sake, not the data's (see module doc)."""
+    while error is not None:
+        if isinstance(error, OSError) and error.errno in _ENVIRONMENTAL:
+            return True
+        text = str(error)
+        code = re.search(r"os_error_code='?(\d+)", text)  # TensorStore keeps the errno here
+        if (code and int(code.group(1)) in _ENVIRONMENTAL) or text.startswith(
+            _ENVIRONMENTAL_STATUS
+        ):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def _mix(x):
+    # murmur3's 32-bit finaliser: a bijection of uint32, so one changed value always
+    # changes its term of the sum.
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = x * jnp.uint32(0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def _array_checksum(x) -> jax.Array:
+    """A uint32 of an array's bits and positions, the same for any sharding of it.
+
+    Sum over elements of mix(bits ^ mix(flat index)) modulo 2**32: addition modulo 2**32 is
+    associative and commutative, so the devices' partial sums give one answer whatever
+    the layout; a single changed element (a flipped bit) always changes it, and any other
+    change does but with probability 2**-32.
+    """
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    width = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[x.dtype.itemsize]
+    bits = jax.lax.bitcast_convert_type(x, width).astype(jnp.uint32)  # 8 bytes: [..., 2]
+    index = jnp.zeros(bits.shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(bits.ndim)):  # the flat index, built without a reshape
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim) * jnp.uint32(stride)
+        stride *= bits.shape[dim]
+    return jnp.sum(_mix(bits ^ _mix(index + jnp.uint32(0x9E3779B9))), dtype=jnp.uint32)
+
+
+_checksums_jit = jax.jit(lambda tree: jax.tree.map(_array_checksum, tree))
+
+
+def checksums(tree) -> dict[str, int]:
+    """{path: checksum} of every array of a (sharded) pytree, computed on its devices."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    sums = jax.device_get(_checksums_jit(tree))
+    return {
+        path_str(path): int(value)
+        for (path, _), value in zip(leaves, jax.tree.leaves(sums), strict=True)
+    }
+
+
+def checksum_mismatch(tree, saved: dict[str, int]) -> str | None:
+    """The first array whose checksum differs from the saved one, as a reason, or None."""
+    for path, value in checksums(tree).items():
+        if path not in saved:
+            return f"array {path} has no saved checksum"
+        if np.uint32(saved[path]) != np.uint32(value):
+            return f"array {path} does not match its checksum (the bytes changed after saving)"
+    return None
 
 
 def damage(step_dir: str) -> str | None:
@@ -21,21 +119,32 @@ def damage(step_dir: str) -> str | None:
 
     Reads metadata only (no array data), so it is cheap, and writes nothing. A file that
     is damaged inside its bytes but has its full length still passes; `Checkpointer.restore`
-    falls back to an older step when such a file fails to read.
+    catches it by its checksum, or when it fails to read, and falls back to an older step.
+
+    Raises:
+      StorageError: the step could not be read for the environment's sake (permission, an
+        I/O error): nothing is known about the step, which must not be set aside.
     """
     if not os.path.isfile(os.path.join(step_dir, COMMIT_MARKER)):
         return f"no commit marker ({COMMIT_MARKER}): the save never finished"
     try:
         _read_json(step_dir, "_CHECKPOINT_METADATA")
-        for item in ("data", "config"):
+        for item in ("data", "config", CHECKSUMS_ITEM):
             _read_json(step_dir, item, "metadata")
         if os.path.exists(os.path.join(step_dir, "metrics")):
             _read_json(step_dir, "metrics", "metrics")
         if _read_json(step_dir, "state", "_METADATA").get("use_ocdbt", True):
             return _array_store_damage(os.path.join(step_dir, "state"))
     except (OSError, ValueError) as e:  # missing, unreadable or not JSON
+        if environmental(e):
+            raise StorageError(f"cannot read checkpoint {step_dir!r}: {reason(e)}") from e
         return reason(e, relative_to=step_dir)
     return None
+
+
+def saved_json(step_dir: str, item: str):
+    """A JSON item of a step (`config`, `checksums`, `data`) as Orbax wrote it."""
+    return _read_json(step_dir, item, "metadata")
 
 
 def _read_json(step_dir: str, *parts: str):
@@ -72,6 +181,8 @@ def _array_store_damage(state_dir: str) -> str | None:
                     if sizes[path] < int(offset) + int(length):
                         return f"array file {relative} is truncated ({sizes[path]} bytes)"
     except ValueError as e:  # tensorstore: a manifest or B-tree node missing or cut short
+        if environmental(e):
+            raise StorageError(f"cannot read checkpoint {state_dir!r}: {reason(e)}") from e
         return f"the array index does not read: {reason(e)}"
     return None
 

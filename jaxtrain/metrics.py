@@ -1,6 +1,9 @@
 """Metric writers: the console, `metrics.jsonl` and TensorBoard; and step timing.
 
-Only process 0 writes; every other process gets a writer that does nothing.
+Only process 0 writes; every other process gets a writer that does nothing. Losing where
+metrics go never stops training: a console that went away (`| head`) is dropped
+silently, a metrics file that cannot be written (disk full) gets one warning, and the
+run goes on (its checkpoints then fail loudly if the disk is really full).
 """
 
 import json
@@ -10,14 +13,26 @@ import sys
 import time
 
 import jax
+from absl import logging
 from tqdm import tqdm
+
+_console_lost = False
 
 
 def console(message: str) -> None:
     """Prints a line on process 0 without breaking the progress bar."""
-    if jax.process_index() == 0:
+    global _console_lost
+    if jax.process_index() != 0 or _console_lost:
+        return
+    try:
         tqdm.write(message, file=sys.stdout)
         sys.stdout.flush()
+    except OSError:  # BrokenPipeError: whoever read stdout is gone (`| head -n 6`)
+        _console_lost = True
+        # Python would fail flushing stdout again at exit: point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def human(n: float) -> str:
@@ -56,6 +71,7 @@ class MetricWriter:
     def __init__(self, workdir: str, *, total_steps: int, start_step: int):
         self.enabled = jax.process_index() == 0
         self._jsonl = self._tensorboard = None
+        self._path = os.path.join(workdir, "metrics.jsonl")
         # A bar only on a terminal; logs and CI get plain lines.
         self._bar = tqdm(
             total=total_steps,
@@ -67,9 +83,8 @@ class MetricWriter:
         if self.enabled:
             from tensorboardX import SummaryWriter
 
-            path = os.path.join(workdir, "metrics.jsonl")
-            _truncate_jsonl(path, start_step)
-            self._jsonl = open(path, "a", encoding="utf-8")
+            _truncate_jsonl(self._path, start_step)
+            self._jsonl = open(self._path, "a", encoding="utf-8")
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
     def advance(self, steps: int = 1) -> None:
@@ -83,19 +98,37 @@ class MetricWriter:
         order = {k: i for i, k in enumerate(_ORDER)}
         keys = sorted(scalars, key=lambda k: (order.get(k, len(order)), k))
         scalars = {k: float(scalars[k]) for k in keys}
-        self._jsonl.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
-        self._jsonl.flush()
-        for key, value in scalars.items():
-            self._tensorboard.add_scalar(f"{split}/{key}", value, step)
-        self._tensorboard.flush()
+        if self._jsonl is not None:
+            try:
+                self._jsonl.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
+                self._jsonl.flush()
+                for key, value in scalars.items():
+                    self._tensorboard.add_scalar(f"{split}/{key}", value, step)
+                self._tensorboard.flush()
+            except OSError as e:
+                logging.warning(
+                    "cannot write metrics to %s (%s); training goes on, but metrics from "
+                    "step %d on are not recorded there",
+                    self._path,
+                    e.strerror or e,
+                    step,
+                )
+                self._close_files()
         shown = " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items())
         console(f"step {step:>6} {split:>5} | {shown}")
 
     def close(self) -> None:
         self._bar.close()
-        if self.enabled:
-            self._jsonl.close()
-            self._tensorboard.close()
+        self._close_files()
+
+    def _close_files(self) -> None:
+        files, self._jsonl, self._tensorboard = (self._jsonl, self._tensorboard), None, None
+        for f in files:
+            if f is not None:
+                try:
+                    f.close()
+                except OSError:  # what it could not flush was reported when it failed
+                    pass
 
 
 def _fmt(value: float) -> str:

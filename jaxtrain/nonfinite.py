@@ -12,13 +12,10 @@ import jax
 import numpy as np
 
 from jaxtrain import metrics
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import EXIT_NONFINITE, ConfigError  # noqa: F401 (re-exported)
 from jaxtrain.sharding import path_str
 
 POLICIES = ("abort", "skip", "rollback")
-
-# Distinct from bad input (2) and preemption (75): the run diverged.
-EXIT_NONFINITE = 3
 
 
 class NonFiniteError(RuntimeError):
@@ -30,6 +27,11 @@ def check_config(nonfinite_config) -> None:
     if nonfinite_config.policy not in POLICIES:
         raise ConfigError(
             f"config.nonfinite.policy={nonfinite_config.policy!r}; choose one of {POLICIES}"
+        )
+    skips = nonfinite_config.max_consecutive_skips
+    if not isinstance(skips, int) or isinstance(skips, bool) or skips < 0:
+        raise ConfigError(
+            f"config.nonfinite.max_consecutive_skips must be an integer >= 0, got {skips!r}"
         )
 
 
@@ -71,8 +73,15 @@ class NonFinitePolicy:
         self._in_a_row += 1
         loss = float(np.asarray(step_metrics["loss"]))
         leaf = int(np.asarray(step_metrics["first_nonfinite_leaf"]))
-        where = f"first non-finite gradient: {self._paths[leaf]}" if leaf >= 0 else "loss"
-        what = f"step {step}: non-finite loss or gradients (loss={loss}, {where})"
+        if bool(np.asarray(step_metrics["nonfinite_in_update"])):
+            what = (
+                f"step {step}: the update would make the state non-finite (loss={loss}, "
+                f"gradients finite; first non-finite parameter: {self._paths[leaf]}): a NaN "
+                "or huge learning rate, or an optimizer state that overflowed"
+            )
+        else:
+            where = f"first non-finite gradient: {self._paths[leaf]}" if leaf >= 0 else "loss"
+            what = f"step {step}: non-finite loss or gradients (loss={loss}, {where})"
         if self._in_a_row > self._max_in_a_row and self._policy != "abort":
             return self._abort(step, f"{what}; {self._in_a_row} in a row", local_batch, loss)
         if self._policy == "skip":

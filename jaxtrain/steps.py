@@ -24,6 +24,9 @@ from jaxtrain.state import StateLayout, TrainState
 # Keys every evaluation's `rngs` start from: evaluations of different steps compare.
 EVAL_SEED = 0
 
+# Train-step metrics for the host's non-finite guard, not for the log.
+GUARD_METRICS = ("finite", "nonfinite_in_update", "first_nonfinite_leaf")
+
 
 def set_mode(model: nnx.Module, *, train: bool) -> nnx.Module:
     """The model in train or eval mode (Dropout `deterministic`, BatchNorm
@@ -74,10 +77,12 @@ def make_train_step(
       schedule: the learning-rate schedule, to report `lr`; None: not reported.
 
     Metrics are the loss's (averaged over microbatches), `grad_norm`, `lr`,
-    `skipped_steps`, and for the host: `finite` and `first_nonfinite_leaf` (index into
-    `jax.tree.leaves(params)`, -1 when all are finite). A step whose loss or any gradient
-    is not finite leaves params, optimizer and model state as they were (garbage never
-    reaches the state) and counts itself in `state.skipped`.
+    `skipped_steps`, and for the host: `finite`, `nonfinite_in_update` and
+    `first_nonfinite_leaf` (index into `jax.tree.leaves(params)`: of the gradients, or of
+    the updated parameters; -1 when all is finite). A step whose loss or any gradient is
+    not finite, or whose update would make the state non-finite, leaves params, optimizer
+    and model state as they were (garbage never reaches the state) and counts itself in
+    `state.skipped`.
     """
     tx = layout.tx
 
@@ -122,31 +127,47 @@ def make_train_step(
             # Each part's gradient is of its own mean loss; equal parts make their mean the
             # gradient of the whole batch's mean loss.
             grads, metrics = jax.tree.map(lambda g: g / microbatches, (grads, metrics))
-        leaf_finite = jnp.stack([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)])
+        leaf_finite = _leaves_finite(grads)
         finite = jnp.isfinite(metrics["loss"]) & jnp.all(leaf_finite)
 
         def update(_):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
-            return optax.apply_updates(state.params, updates), opt_state, model_state
+            params = optax.apply_updates(state.params, updates)
+            # Finite gradients can still make a non-finite state (a NaN learning rate, an
+            # overflowing moment): such an update is dropped too, and says where.
+            new_finite = _leaves_finite(params)
+            state_finite = jnp.all(new_finite) & _all_finite(opt_state) & _all_finite(model_state)
+            new = (params, opt_state, model_state)
+            chosen = jax.lax.cond(state_finite, lambda: new, kept_state)
+            return *chosen, state_finite, jnp.argmin(new_finite)
 
-        def keep(_):
+        def kept_state():
             return state.params, state.opt_state, state.model_state
 
-        # A conditional, not a select: the skipped branch does no work at all.
-        params, opt_state, new_model_state = jax.lax.cond(finite, update, keep, None)
+        def keep(_):
+            bad = jnp.where(jnp.all(leaf_finite), -1, jnp.argmin(leaf_finite))  # -1: the loss
+            return (*kept_state(), jnp.bool_(True), bad)
+
+        # A conditional, not a select: a skipped step does no update work at all.
+        params, opt_state, new_model_state, state_finite, bad_leaf = jax.lax.cond(
+            finite, update, keep, None
+        )
+        applied = finite & state_finite
         new_state = state.replace(
             step=state.step + 1,
             params=params,
             opt_state=opt_state,
             model_state=new_model_state,
-            skipped=state.skipped + jnp.where(finite, 0, 1).astype(jnp.int32),
+            skipped=state.skipped + jnp.where(applied, 0, 1).astype(jnp.int32),
         )
         metrics = {
             **metrics,
             "grad_norm": optax.global_norm(grads),
             "skipped_steps": new_state.skipped,
-            "finite": finite,
-            "first_nonfinite_leaf": jnp.where(finite, -1, jnp.argmin(leaf_finite)),
+            "finite": applied,
+            # Where: 0 the loss or a gradient, 1 the state after the update.
+            "nonfinite_in_update": ~state_finite,
+            "first_nonfinite_leaf": jnp.where(applied, -1, bad_leaf),
         }
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
@@ -157,6 +178,21 @@ def make_train_step(
 
 def _add(a, b):
     return jax.tree.map(jnp.add, a, b)
+
+
+def _leaves_finite(tree) -> jax.Array:
+    """Whether each leaf of a tree of float arrays is all finite, in leaf order."""
+    return jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)])
+
+
+def _all_finite(tree) -> jax.Array:
+    """Whether every floating-point leaf of a tree (counters and keys aside) is finite."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree.leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def compile_train_step(train_step, layout: StateLayout, abstract_batch):

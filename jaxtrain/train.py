@@ -3,28 +3,31 @@
     config -> task -> mesh -> model + optimizer (the state, abstract) -> data -> workdir
            -> state (restored, or created already sharded) -> compiled step -> loop
 
-Everything that can reject the request (config values, mesh, batch split, names, an
-incompatible checkpoint, a missing split) runs before the first byte is written to the
-workdir.
+Everything that can reject the request (config values, mesh, batch split, names, a
+workdir another run holds, an incompatible checkpoint or config, a missing split) runs
+before the first byte is written to the workdir.
 """
 
+import contextlib
 import json
-import os
+import math
 
 import jax
+from absl import logging
 
 from jaxtrain import checkpoint, data, hardware, hlo, metrics, nonfinite, optim, sharding, steps
 from jaxtrain import config as config_lib
 from jaxtrain import state as state_lib
 from jaxtrain import tasks as tasks_lib
-from jaxtrain.errors import ConfigError
-from jaxtrain.preemption import Preempted, PreemptionWatcher
+from jaxtrain import workdir as workdir_lib
+from jaxtrain.preemption import StopWatcher
 
 
 def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
     """Trains and evaluates as `config` says, logging and checkpointing to `workdir`.
 
-    Rerunning with the same workdir resumes from its latest checkpoint.
+    Rerunning with the same workdir resumes from its latest checkpoint. SIGTERM and
+    Ctrl-C stop the run cleanly at the next step boundary, after a checkpoint of it.
 
     Args:
       config: an ml_collections ConfigDict (see configs/ and `jaxtrain.load_config`).
@@ -37,49 +40,71 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
       evaluation metrics plus the last logged training loss as `train_loss`.
 
     Raises:
-      ConfigError: bad input; nothing has been written to `workdir`.
-      Preempted: SIGTERM arrived; a checkpoint of the step it stopped at has committed.
-      NonFiniteError: a non-finite loss or gradient under config.nonfinite's policy.
+      ConfigError: bad input (or another run holds the workdir); the workdir is unchanged.
+      StorageError: the disk or file system failed; the last whole checkpoint is intact.
+      Preempted: SIGTERM or Ctrl-C; a checkpoint of the step it stopped at has committed.
+      NonFiniteError: a non-finite loss, gradient or update under config.nonfinite.
     """
-    config_lib.validate(config)
-    task = task or tasks_lib.from_config(config)
+    with contextlib.ExitStack() as run:
+        stop = run.enter_context(StopWatcher())  # from here on a signal stops the run cleanly
+        config_lib.validate(config)
+        task = task or tasks_lib.from_config(config)
 
-    # --- Mesh: the devices, the logical-axis rules, how a global batch splits ------------
-    mesh, rules = sharding.mesh_and_rules(config, devices)
+        # --- Mesh: the devices, the logical-axis rules, how a global batch splits --------
+        mesh, rules = sharding.mesh_and_rules(config, devices)
 
-    # --- Model and optimizer: the train state's shapes and shardings, no memory yet -------
-    tx, schedule = optim.optimizer_and_schedule(config, task.optimizer)
-    layout = state_lib.make_state_layout(task.model, tx, mesh, rules, trainable=task.trainable)
+        # --- Model and optimizer: the train state's shapes and shardings, no memory yet ---
+        tx, schedule = optim.optimizer_and_schedule(config, task.optimizer)
+        layout = state_lib.make_state_layout(task.model, tx, mesh, rules, trainable=task.trainable)
 
-    # --- Data, and any checkpoint in the workdir checked against the model: no writes -----
-    train_data = data.as_dataset(task.data)
-    eval_data = None if task.eval_data is None else data.as_dataset(task.eval_data)
-    example = task.example or data.example_spec(train_data)
-    batch_shardings = data.batch_shardings(example, mesh, rules, task.batch_axes)
-    abstract_batch = data.abstract_batch(example, config.global_batch_size, batch_shardings)
-    resume_step = checkpoint.latest_compatible_step(workdir, layout.abstract_state)
+        # --- Data: examples, and the batch they make --------------------------------------
+        train_data = data.as_dataset(task.data)
+        eval_data = None if task.eval_data is None else data.as_dataset(task.eval_data)
+        example = task.example or data.example_spec(train_data)
+        batch_shardings = data.batch_shardings(example, mesh, rules, task.batch_axes)
+        abstract_batch = data.abstract_batch(example, config.global_batch_size, batch_shardings)
 
-    # --- Workdir ------------------------------------------------------------------------
-    config_dict = _write_config(workdir, config)
-    ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
-    train_iter = data.make_train_iterator(
-        train_data,
-        local_batch_size=config.global_batch_size // jax.process_count(),
-        seed=config.data.seed,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
-    )
+        # --- Workdir: this run's alone; a checkpoint there must be this run's -------------
+        lock = run.enter_context(workdir_lib.WorkdirLock(workdir))
+        stop.hold()  # a signal from here on stops the run before step 1, not inside Orbax
+        resume_step = checkpoint.latest_compatible_step(
+            workdir,
+            layout.abstract_state,
+            restart_if_all_damaged=config.checkpoint.restart_if_all_damaged,
+        )
+        config_dict = json.loads(config.to_json_best_effort())
+        if resume_step is not None:
+            workdir_lib.check_resume_config(
+                checkpoint.saved_config(workdir, resume_step),
+                config_dict,
+                allow=config.checkpoint.allow_config_changes,
+                step=resume_step,
+            )
+        lock.claim()  # the first write: everything that can refuse the run has passed
+        workdir_lib.write_config(workdir, config_dict)
+        ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
+        run.push(_closer(ckpt.close))  # waits for the last save; before the lock is freed
+        train_iter = data.TrainIterator(
+            train_data,
+            global_batch_size=config.global_batch_size,
+            seed=config.data.seed,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
+        run.enter_context(jax.set_mesh(mesh))
+        run.enter_context(sharding.use_rules(rules))
 
-    with jax.set_mesh(mesh), sharding.use_rules(rules):
-        # --- State: restored, or created directly in its sharded layout ------------------
-        if resume_step is None:
+        # --- State: restored, or created directly in its sharded layout -------------------
+        # restore() may fall back to an older step when this one fails to read or verify.
+        restored = None if resume_step is None else ckpt.restore(resume_step, layout.abstract_state)
+        if restored is None:
             state = state_lib.create_state(layout, config.seed)
-        else:  # restore() may fall back to an older step when this one fails to read
-            state, data_state = ckpt.restore(resume_step, layout.abstract_state)
+        else:
+            state, data_state = restored
             train_iter.set_state(data_state)
         start_step = int(state.step)
 
-        # --- One compiled train step; its memory and FLOPs known before step 1 -----------
+        # --- One compiled train step; its memory and FLOPs known before step 1 ------------
         train_step = steps.compile_train_step(
             steps.make_train_step(
                 task.loss, layout, microbatches=config.microbatches, schedule=schedule
@@ -96,53 +121,74 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
         )
         _describe_run(config, task, layout, abstract_batch, stats, flops, start_step)
 
-        # --- The loop ----------------------------------------------------------------------
+        # --- The loop ---------------------------------------------------------------------
         writer = metrics.MetricWriter(
             workdir, total_steps=config.num_train_steps, start_step=start_step
         )
+        run.push(_closer(writer.close))
         batches = data.DevicePrefetcher(train_iter, batch_shardings, size=config.data.prefetch)
+        run.push(_closer(batches.close))
         guard = nonfinite.NonFinitePolicy(config.nonfinite, workdir, ckpt, layout.abstract_state)
         reporter = StepReporter(config, task, writer, guard, flops[0], start_step)
-        preemption = PreemptionWatcher()
         result: dict[str, float] = {}
         late = None  # (step, metrics on device, local batch) the host has not read yet
-        try:
-            for step in range(start_step + 1, config.num_train_steps + 1):
-                state, step_metrics = train_step(state, next(batches))
-                writer.advance()
-                if late is not None:  # the device runs `step` now: read `step - 1`
-                    state = reporter.settle(*late, state)
-                late = (step, step_metrics, batches.local)
-                last = step == config.num_train_steps
-                preempted = preemption.reached(step) and not last  # last: just finish
-                evaluate_now = eval_data is not None and (
-                    step % config.eval_every_steps == 0 or last
-                )
-                save_now = step % config.checkpoint_every_steps == 0 or last or preempted
-                if not (evaluate_now or save_now):
-                    continue
-                # Read this step now: its state passes the non-finite guard before it is
-                # evaluated or saved, and its timing ends before evaluation starts.
-                state, late = reporter.settle(*late, state), None
-                eval_metrics = None
-                if evaluate_now:
-                    eval_metrics = evaluate(
-                        eval_step, state, eval_data, batch_shardings, task, config
-                    )
-                    writer.write(step, "eval", eval_metrics)
-                    result.update(eval_metrics)
-                    reporter.timer.reset(step)
-                if save_now:  # eval metrics, when this step has them, let retention keep the best
-                    ckpt.save(step, state, batches.state, config_dict, eval_metrics)
-                if preempted:
-                    raise Preempted(step)  # `finally` waits for the save to commit
-        finally:
-            preemption.close()
-            batches.close()
-            writer.close()
-            ckpt.close()
+        stop.start_loop()
+        for step in range(start_step + 1, config.num_train_steps + 1):
+            state, step_metrics = train_step(state, next(batches))
+            writer.advance()
+            if late is not None:  # the device runs `step` now: read `step - 1`
+                state = reporter.settle(*late, state)
+            late = (step, step_metrics, batches.local)
+            last = step == config.num_train_steps
+            stopping = stop.reached(step) and not last  # last: just finish
+            evaluate_now = eval_data is not None and (step % config.eval_every_steps == 0 or last)
+            save_now = step % config.checkpoint_every_steps == 0 or last or stopping
+            if not (evaluate_now or save_now):
+                continue
+            # Read this step now: its state passes the non-finite guard before it is
+            # evaluated or saved, and its timing ends before evaluation starts.
+            state, late = reporter.settle(*late, state), None
+            eval_metrics = None
+            if evaluate_now:
+                eval_metrics = evaluate(eval_step, state, eval_data, batch_shardings, task, config)
+                writer.write(step, "eval", eval_metrics)
+                _report_nonfinite_eval(step, eval_metrics)
+                result.update(eval_metrics)
+                reporter.timer.reset(step)
+            if save_now:  # eval metrics, when this step has them, let retention keep the best
+                ckpt.save(step, state, batches.state, config_dict, eval_metrics)
+            if stopping:
+                ckpt.wait_until_finished()  # committed, or its error, before Preempted
+                raise stop.stop(step)
     result.update(reporter.last_train)
     return state, result
+
+
+def _closer(close):
+    """An ExitStack exit callback that runs `close`; an error it raises while another error
+    is already on its way out is logged, never raised in its place: a full disk must be
+    reported as the checkpoint that failed, not as whatever failed after it."""
+
+    def exit_(exc_type, exc, traceback):
+        try:
+            close()
+        except Exception as e:
+            if exc is None:
+                raise
+            logging.warning("while stopping after %s: %s", exc_type.__name__, e)
+        return False
+
+    return exit_
+
+
+def _report_nonfinite_eval(step: int, eval_metrics: dict) -> None:
+    bad = {k: v for k, v in eval_metrics.items() if not math.isfinite(v)}
+    if bad:
+        shown = ", ".join(f"{k}={v}" for k, v in bad.items())
+        metrics.console(
+            f"step {step}: evaluation is not finite ({shown}); the training state passed "
+            "the non-finite guard, so suspect the eval data or the model's eval mode"
+        )
 
 
 def evaluate(eval_step, state, examples, batch_shardings, task, config) -> dict[str, float]:
@@ -187,11 +233,7 @@ class StepReporter:
         """Returns the state to continue from after `step`'s metrics are read."""
         fetched = jax.device_get(step_metrics)
         if step % self._config.log_every_steps == 0 or step == self._config.num_train_steps:
-            scalars = {
-                k: float(v)
-                for k, v in fetched.items()
-                if k not in ("finite", "first_nonfinite_leaf")
-            }
+            scalars = {k: float(v) for k, v in fetched.items() if k not in steps.GUARD_METRICS}
             seconds = self.timer.measure(step)
             if seconds:
                 scalars["step_time_s"] = seconds
@@ -203,19 +245,6 @@ class StepReporter:
             self._writer.write(step, "train", scalars)
             self.last_train = {"train_loss": scalars["loss"]}
         return self._guard.check(step, fetched, local_batch, state)
-
-
-def _write_config(workdir: str, config) -> dict:
-    """Writes `workdir/config.json` (process 0); returns the config as a JSON-able dict."""
-    config_dict = json.loads(config.to_json_best_effort())
-    if jax.process_index() == 0:
-        try:
-            os.makedirs(workdir, exist_ok=True)
-            with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-                json.dump(config_dict, f, indent=2)
-        except OSError as e:
-            raise ConfigError(f"cannot write workdir {workdir!r}: {e.strerror}") from e
-    return config_dict
 
 
 def _describe_run(config, task, layout, abstract_batch, stats, flops, start_step) -> None:

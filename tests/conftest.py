@@ -51,7 +51,12 @@ def load_config(name: str, arg: str | None = None, data_dir: str | None = None, 
 
 
 def read_metrics(workdir, split="train"):
-    """{step: record} from workdir/metrics.jsonl for one split."""
+    """{step: record} from workdir/metrics.jsonl for one split.
+
+    Raises:
+      AssertionError: a step is logged twice for the split (a dict keyed by step must not
+        hide a repeated line).
+    """
     import json
 
     records = {}
@@ -59,6 +64,7 @@ def read_metrics(workdir, split="train"):
         for line in f:
             record = json.loads(line)
             if record["split"] == split:
+                assert record["step"] not in records, f"step {record['step']} logged twice"
                 records[record["step"]] = record
     return records
 

@@ -103,9 +103,9 @@ def test_public_names_are_documented():
 
 def poisoned(examples, step, global_batch_size=16, seed=0):
     """`examples` with NaN features in every example of training step `step`'s batch."""
-    order = data.make_train_iterator(
+    order = data.TrainIterator(
         grain.MapDataset.range(len(examples["y"])),
-        local_batch_size=global_batch_size,
+        global_batch_size=global_batch_size,
         seed=seed,
         shard_index=0,
         shard_count=1,
@@ -290,8 +290,8 @@ def test_a_loop_of_your_own_from_the_pieces(tmp_path):
         eval_step = jaxtrain.jit_eval_step(
             jaxtrain.make_eval_step(jaxtrain.per_example(loss), layout), layout, abstract_batch
         )
-        iterator = data.make_train_iterator(
-            examples, local_batch_size=16, seed=0, shard_index=0, shard_count=1
+        iterator = data.TrainIterator(
+            examples, global_batch_size=16, seed=0, shard_index=0, shard_count=1
         )
         batches = data.DevicePrefetcher(iterator, shardings)
         try:

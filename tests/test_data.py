@@ -49,8 +49,8 @@ def test_lm_windows_are_shifted_by_one(data_dir):
 def test_train_iterator_is_deterministic_and_resumable(data_dir):
     config = load_config("digits_cnn", data_dir=data_dir)
     examples = classification.labelled_images(config.data, "train")
-    make = lambda: pipeline.make_train_iterator(
-        examples, local_batch_size=32, seed=7, shard_index=0, shard_count=1
+    make = lambda: pipeline.TrainIterator(
+        examples, global_batch_size=32, seed=7, shard_index=0, shard_count=1
     )
     first = [next(it)["targets"] for it in [make()] for _ in range(3)][-1]
     it = make()
@@ -68,9 +68,9 @@ def test_process_slices_are_disjoint_and_cover_an_epoch():
     seen = []
     for index in range(2):
         # Examples are their own indices, so the slices can be compared exactly.
-        it = pipeline.make_train_iterator(
+        it = pipeline.TrainIterator(
             pipeline.grain.MapDataset.range(n),
-            local_batch_size=1,
+            global_batch_size=2,
             seed=0,
             shard_index=index,
             shard_count=2,
@@ -79,6 +79,36 @@ def test_process_slices_are_disjoint_and_cover_an_epoch():
     assert all(len(s) == len(set(s)) for s in seen)  # one epoch, no repeats
     assert not set(seen[0]) & set(seen[1])
     assert set(seen[0]) | set(seen[1]) == set(range(n))
+
+
+def test_position_is_in_examples_so_a_new_batch_size_or_process_count_continues():
+    order = pipeline.grain.MapDataset.range(1000)
+
+    def iterator(global_batch_size, shard_index=0, shard_count=1):
+        return pipeline.TrainIterator(
+            order,
+            global_batch_size=global_batch_size,
+            seed=3,
+            shard_index=shard_index,
+            shard_count=shard_count,
+        )
+
+    straight = iterator(1000)
+    epoch = next(straight).tolist()  # the whole global order of the first epoch
+    first = iterator(24)
+    for _ in range(2):
+        next(first)
+    assert first.get_state() == {"examples_seen": 48}
+    # Resumed with batches of 16, on one process or on two: examples 48.. of the order.
+    bigger = iterator(16)
+    bigger.set_state(first.get_state())
+    assert next(bigger).tolist() == epoch[48:64]
+    halves = [iterator(16, shard, 2) for shard in range(2)]
+    for half in halves:
+        half.set_state(first.get_state())
+    rows = [next(half).tolist() for half in halves]
+    assert sorted(rows[0] + rows[1]) == sorted(epoch[48:64])
+    assert not set(rows[0]) & set(rows[1])
 
 
 def test_eval_batches_cover_each_example_once_with_padding(data_dir):

@@ -27,9 +27,9 @@ def _config(data_dir, policy, steps=6, **overrides):
 
 def _batches(config, examples, count):
     """The first `count` training batches the run will draw from `examples`."""
-    it = data.make_train_iterator(
+    it = data.TrainIterator(
         examples,
-        local_batch_size=config.global_batch_size,
+        global_batch_size=config.global_batch_size,
         seed=config.data.seed,
         shard_index=0,
         shard_count=1,

@@ -17,7 +17,7 @@ import orbax.checkpoint as ocp
 import pytest
 from conftest import CONFIGS, read_metrics
 
-from jaxtrain.preemption import EXIT_PREEMPTED
+from jaxtrain.errors import EXIT_PREEMPTED
 
 GPT = os.path.join(CONFIGS, "gpt_pysource.py")
 STEPS = 60

@@ -94,7 +94,7 @@ def test_checkpoint_is_plain_orbax(data_dir, tmp_path):
     assert int(restored["state"]["step"]) == 3
     saved = restored["state"]["params"]["blocks"]["1"]["attn"]["out"]["kernel"]
     np.testing.assert_array_equal(saved, state.params["blocks"][1]["attn"]["out"]["kernel"])
-    assert restored["data"] == {"next_index": 3}  # three batches consumed
+    assert restored["data"] == {"examples_seen": 48}  # three batches of 16 consumed
     assert restored["config"]["model"]["name"] == "gpt"
     with open(tmp_path / "config.json") as f:
         assert json.load(f) == restored["config"]

@@ -2,6 +2,7 @@
 
 from jaxtrain.data.pipeline import (
     DevicePrefetcher,
+    TrainIterator,
     abstract_batch,
     as_dataset,
     batch_shardings,
@@ -9,12 +10,12 @@ from jaxtrain.data.pipeline import (
     example_sharding,
     example_spec,
     from_tfds,
-    make_train_iterator,
     to_global,
 )
 
 __all__ = [
     "DevicePrefetcher",
+    "TrainIterator",
     "abstract_batch",
     "as_dataset",
     "batch_shardings",
@@ -22,6 +23,5 @@ __all__ = [
     "example_sharding",
     "example_spec",
     "from_tfds",
-    "make_train_iterator",
     "to_global",
 ]

@@ -7,7 +7,10 @@ that the checkpoint stores.
 """
 
 import difflib
+import errno
+import fcntl
 import math
+import os
 import queue
 import threading
 from collections.abc import Mapping
@@ -19,7 +22,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import ConfigError, StorageError
 from jaxtrain.sharding import Rules, batch_axes, check_divisible
 
 BUNDLED = ("digits", "pysource")
@@ -33,6 +36,10 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
     """
     from jaxtrain.data import builders  # noqa: F401  (registers digits and pysource)
 
+    if not name:
+        raise ConfigError(
+            f"config.data.name is empty: name a bundled data set {BUNDLED} or a TFDS catalog one"
+        )
     try:
         return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
@@ -63,9 +70,7 @@ def from_tfds(builder, split: str, *, data_dir: str | None = None) -> grain.MapD
     if isinstance(builder, str):
         builder = get_builder(builder, data_dir)
     if jax.process_index() == 0 and not builder.is_prepared():
-        print(f"preparing data set {builder.name!r} in {builder.data_dir} (first use)", flush=True)
-        tfds.disable_progress_bar()
-        builder.download_and_prepare(file_format="array_record")
+        builder = _prepare(builder)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxtrain:prepared:{builder.name}")
         builder = tfds.builder_from_directory(builder.data_dir)  # as process 0 wrote it
@@ -75,6 +80,38 @@ def from_tfds(builder, split: str, *, data_dir: str | None = None) -> grain.MapD
             f"data set {builder.name!r} has no split {split!r}; splits: {sorted(known)}"
         )
     return grain.MapDataset.source(builder.as_data_source(split=split))
+
+
+def _prepare(builder):
+    """Builds a data set on first use; two runs building one fresh data dir take turns.
+
+    Returns:
+      The builder to read with (reloaded when another run built the data set meanwhile).
+
+    Raises:
+      ConfigError: the data dir cannot be used (not a directory, read-only, no access).
+      StorageError: the disk filled or failed while building.
+    """
+    root = str(builder.data_dir_root)
+    try:
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, ".jaxtrain-prepare.lock"), "a") as lock:
+            # TFDS writes to a temporary directory and renames it into place, but two
+            # builders of one data set at once collide on that rename (FileExistsError).
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if builder.is_prepared():  # the other run built it while this one waited
+                return tfds.builder_from_directory(builder.data_dir)
+            print(
+                f"preparing data set {builder.name!r} in {builder.data_dir} (first use)", flush=True
+            )
+            tfds.disable_progress_bar()
+            builder.download_and_prepare(file_format="array_record")
+            return builder
+    except OSError as e:
+        message = f"cannot prepare data set {builder.name!r} in {root!r}: {e.strerror or e}"
+        if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
+            raise StorageError(message) from e
+        raise ConfigError(message + " (set config.data.data_dir to a writable directory)") from e
 
 
 class ArraySource:
@@ -167,27 +204,52 @@ def abstract_batch(example, global_batch_size: int, shardings) -> dict:
     return batch
 
 
-def make_train_iterator(
-    examples: grain.MapDataset,
-    *,
-    local_batch_size: int,
-    seed: int,
-    shard_index: int,
-    shard_count: int,
-):
+class TrainIterator:
     """An endless, checkpointable iterator of this process's training batches.
 
-    One global order, reshuffled every epoch from `seed`, is shared by all processes;
-    process `shard_index` reads only every `shard_count`-th position of it. So each global
-    batch holds the same examples whatever the number of processes (only their row order
-    differs), the processes' reads are disjoint, and together they cover every epoch.
+    One global order, reshuffled every epoch from `seed`, is shared by all processes: the
+    global batch of a step is the next `global_batch_size` examples of it, and process
+    `shard_index` reads every `shard_count`-th of them. So each global batch holds the same
+    examples whatever the number of processes (only their row order differs), the
+    processes' reads are disjoint, and together they cover every epoch.
 
-    Returns:
-      A grain DatasetIterator with `get_state()` / `set_state()`.
+    Its state is the number of examples of the global order consumed: a run resumed with
+    another batch size or process count continues with exactly the next example.
+
+    Args:
+      examples: the training examples.
+      global_batch_size: examples per step, all processes together.
+      seed: the order's seed.
+      shard_index: this process's index.
+      shard_count: how many processes read.
     """
-    ds = examples.seed(seed).shuffle().repeat()[shard_index::shard_count]
-    ds = ds.batch(local_batch_size, drop_remainder=True)
-    return iter(ds.to_iter_dataset())
+
+    def __init__(
+        self, examples, *, global_batch_size: int, seed: int, shard_index: int, shard_count: int
+    ):
+        self._order = examples.seed(seed).shuffle().repeat()
+        self._global_batch_size = global_batch_size
+        self._shard_index, self._shard_count = shard_index, shard_count
+        self.set_state({"examples_seen": 0})
+
+    def set_state(self, state: dict) -> None:
+        """Continues after `state["examples_seen"]` examples of the global order."""
+        self._seen = int(state["examples_seen"])
+        local = self._order[self._seen + self._shard_index :: self._shard_count]
+        batches = local.batch(self._global_batch_size // self._shard_count, drop_remainder=True)
+        self._batches = iter(batches.to_iter_dataset())
+
+    def get_state(self) -> dict:
+        """`{"examples_seen": N}`: where the next batch starts in the global order."""
+        return {"examples_seen": self._seen}
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._batches)
+        self._seen += self._global_batch_size
+        return batch
 
 
 def eval_batches(

@@ -20,6 +20,18 @@ class CNNConfig:
     dropout_rate: float
 
     def __post_init__(self):
+        for name in ("num_classes", "hidden_dim"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if len(self.image_shape) != 3 or min(self.image_shape) < 1 or not self.features:
+            raise ValueError(
+                f"image_shape={self.image_shape!r} must be 3 positive sizes and features "
+                f"{self.features!r} at least one"
+            )
+        if min(self.features) < 1:
+            raise ValueError(f"features={self.features!r} must be positive")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
         height, width, _ = self.image_shape
         scale = 2 ** len(self.features)
         if height % scale or width % scale:

@@ -170,6 +170,26 @@ class GPTConfig:
     remat: str  # "none", "full" or "save_dots"
 
     def __post_init__(self):
+        for name in (
+            "vocab_size",
+            "num_layers",
+            "embed_dim",
+            "num_heads",
+            "num_kv_heads",
+            "mlp_dim",
+        ):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
+        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim!r} must be a positive even integer (RoPE)")
+        if not self.rope_base > 0:
+            raise ValueError(f"rope_base={self.rope_base!r} must be positive")
+        if not 0 <= self.dropout_rate < 1:
+            raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
+        if self.attention_impl not in ("auto", "xla", "cudnn"):
+            raise ValueError(
+                f"attention_impl={self.attention_impl!r}; choose one of ['auto', 'xla', 'cudnn']"
+            )
         if self.remat != "none" and self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {['none', *REMAT_POLICIES]}")
         if self.num_heads % self.num_kv_heads:

@@ -95,10 +95,12 @@ def make_task(config) -> Task:
     Raises:
       ConfigError: an unknown data set or model, or bad model fields.
     """
+    seq_len = config.data.seq_len
+    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
+        raise ConfigError(f"config.data.seq_len must be a positive integer, got {seq_len!r}")
     data.pipeline.get_builder(config.data.name, config.data.data_dir)  # a bad name fails now
     compute_dtype, param_dtype = precision.dtypes(config.precision)
     model = models.make_model(config.model, dtype=compute_dtype, param_dtype=param_dtype)
-    seq_len = config.data.seq_len
     tokens = jax.ShapeDtypeStruct((seq_len,), jnp.int32)
     flops = None
     if config.model.name == "gpt":

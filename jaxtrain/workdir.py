@@ -1,0 +1,182 @@
+"""The run directory: one run at a time, and a resumed run that is the same run.
+
+with WorkdirLock(workdir):          # exclusive for the run's life; the OS frees it on death
+    check_resume_config(saved, config_dict, allow=...)
+    write_config(workdir, config_dict)
+"""
+
+import datetime
+import fcntl
+import json
+import os
+import socket
+
+import jax
+
+from jaxtrain.errors import ConfigError, StorageError
+
+LOCK_FILE = ".jaxtrain.lock"
+
+# Config fields a resumed run may change on purpose: how long it runs, what it logs and
+# keeps, where it runs (mesh, rules, precision, microbatches: the same math elsewhere).
+# Any other change (model, data, batch, seed, optimizer, task) makes a different run.
+CHANGEABLE = (
+    "num_train_steps",
+    "log_every_steps",
+    "eval_every_steps",
+    "eval_steps",
+    "checkpoint_every_steps",
+    "checkpoint",
+    "nonfinite",
+    "mesh",
+    "rules",
+    "microbatches",
+    "precision",
+    "data.prefetch",
+    "data.data_dir",
+)
+
+
+class WorkdirLock:
+    """An exclusive lock on a workdir for one run's lifetime (process 0 of a job takes it).
+
+    `flock` on `workdir/.jaxtrain.lock`: the OS releases it when the process dies, kill -9
+    included, so a rerun after a crash is never refused. Taking it changes no byte of an
+    existing lock file; `claim()` records this run (pid, host, start time) once the run's
+    checks have passed, for the message a second run gets.
+
+    Raises (on entry):
+      ConfigError: another run holds the workdir: one line naming it (pid, host).
+      StorageError: the lock file cannot be created (read-only file system, ...).
+    """
+
+    def __init__(self, workdir: str):
+        self.workdir = workdir
+        self.path = os.path.join(workdir, LOCK_FILE)
+        self._fd = None
+
+    def __enter__(self):
+        if jax.process_index() != 0:
+            return self
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise StorageError(f"cannot lock workdir {self.workdir!r}: {e.strerror}") from e
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(fd)
+            os.close(fd)
+            raise ConfigError(
+                f"workdir {self.workdir!r} is in use by another run ({holder}); wait for it "
+                "to end, or stop it, or use another --workdir"
+            ) from None
+        self._fd = fd
+        return self
+
+    def claim(self) -> None:
+        """Records this run as the holder."""
+        if self._fd is None:
+            return
+        record = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.datetime.now().isoformat(timespec="seconds"),
+        }
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, json.dumps(record).encode(), 0)
+
+    def __exit__(self, *exc):
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the lock
+            self._fd = None
+        return False
+
+
+def _describe_holder(fd: int) -> str:
+    try:
+        record = json.loads(os.pread(fd, 4096, 0).decode() or "{}")
+    except (OSError, ValueError):
+        record = {}
+    if "pid" not in record:
+        return "it has not recorded itself yet"
+    return f"pid {record['pid']} on {record.get('host', '?')}, since {record.get('since', '?')}"
+
+
+def _flatten(tree, prefix="") -> dict[str, object]:
+    if isinstance(tree, dict):
+        flat = {}
+        for key, value in tree.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: tree}
+
+
+def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
+    """(field, saved value, current value) for every field that differs, dotted, sorted."""
+    old, new = _flatten(saved), _flatten(current)
+    missing = object()
+    return [
+        (key, old.get(key, missing), new.get(key, missing))
+        for key in sorted(set(old) | set(new))
+        if old.get(key, missing) != new.get(key, missing)
+    ]
+
+
+def check_resume_config(saved: dict, current: dict, *, allow: bool, step: int) -> list[str]:
+    """Refuses to resume a run whose config changed what the run means.
+
+    Args:
+      saved: the config stored with the checkpoint being resumed (JSON-like dicts).
+      current: this run's config, the same way.
+      allow: resume anyway (`config.checkpoint.allow_config_changes`).
+      step: the checkpoint's step, for the message.
+
+    Returns:
+      The changed fields, "field: old -> new", changeable ones included (for the log).
+
+    Raises:
+      ConfigError: a field outside CHANGEABLE differs and `allow` is False; one line with
+        the differences.
+    """
+    changes = config_changes(saved, current)
+    shown = [f"{key}: {_show(old)} -> {_show(new)}" for key, old, new in changes]
+    refused = [
+        line
+        for (key, _, _), line in zip(changes, shown, strict=True)
+        if not any(key == c or key.startswith(c + ".") for c in CHANGEABLE)
+    ]
+    if refused and not allow:
+        raise ConfigError(
+            f"the checkpoint (step {step}) was trained with a different config: "
+            f"{'; '.join(refused)}. Resuming would not continue the same run; use another "
+            "--workdir, or set --config.checkpoint.allow_config_changes=True to resume anyway "
+            f"(changeable without it: {', '.join(CHANGEABLE)})"
+        )
+    return shown
+
+
+def _show(value) -> str:
+    return (
+        "(none)"
+        if not isinstance(value, str | int | float | bool | list | type(None))
+        else json.dumps(value)
+    )
+
+
+def write_config(workdir: str, config_dict: dict) -> None:
+    """Writes `workdir/config.json` (process 0), atomically: a kill never leaves half of it.
+
+    Raises:
+      StorageError: the workdir cannot be written.
+    """
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(workdir, "config.json")
+    try:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(config_dict, f, indent=2)
+        os.replace(path + ".tmp", path)
+    except OSError as e:
+        raise StorageError(f"cannot write {path!r}: {e.strerror}") from e
