@@ -98,6 +98,31 @@ class MetricWriter:
             self._tensorboard.close()
 
 
+def append(workdir: str, step: int, split: str, scalars: dict[str, float]) -> dict:
+    """Appends one record to `workdir/metrics.jsonl` from outside a training run.
+
+    For commands that add to a run's log (`jaxtrain eval`): no progress bar, no
+    TensorBoard, no truncation. Each record is one write of one line in append mode, so
+    a run training at the same time keeps its own lines whole. Process 0 only.
+
+    Returns:
+      The record, `{"step": step, "split": split, **scalars}`, as written.
+    """
+    order = {k: i for i, k in enumerate(_ORDER)}
+    keys = sorted(scalars, key=lambda k: (order.get(k, len(order)), k))
+    record = {"step": step, "split": split, **{k: float(scalars[k]) for k in keys}}
+    if jax.process_index() == 0:
+        with open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+    return record
+
+
+def format_record(record: dict) -> str:
+    """A record as the console shows it: `step N split | loss 1.652 | ...`."""
+    shown = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
+    return f"step {record['step']:>6} {record['split']:>5} | {shown}"
+
+
 def _fmt(value: float) -> str:
     if value != value or math.isinf(value):
         return str(value)
