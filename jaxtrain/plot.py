@@ -104,7 +104,7 @@ def plot_runs(workdirs: list[str], *, metric: str = "loss", out: str | None = No
         for split, (steps, values) in sorted(found.items(), key=lambda kv: kv[0] != "train"):
             style = _STYLES.get(split, _STYLES["eval:"])
             axes.plot(steps, values, color=colour, label=f"{name} {split}", **style)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
     axes.set_xlabel("step")
     axes.set_ylabel(metric)
     axes.grid(True, alpha=0.3)

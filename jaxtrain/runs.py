@@ -112,6 +112,11 @@ def load_run(
     config = read_config(workdir)
     if mesh is not None:
         config.mesh = dict(mesh)
+    if task is None and not config.get("task"):
+        raise ConfigError(
+            f"run {workdir!r} was trained with a Task given in code (its config.task is "
+            "empty): pass the same task, load_run(workdir, task=...)"
+        )
     if task is None:
         task = tasks_lib.from_config(config)
     try:

@@ -10,12 +10,14 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import load_config, read_metrics, train_gpt_smoke
+from flax import nnx
 
 import jaxtrain
-from jaxtrain import cli, plot, sample
+from jaxtrain import cli, plot, runs, sample
 from jaxtrain.train import train_and_evaluate
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -84,6 +86,52 @@ def test_load_run_restores_the_trained_state_and_writes_nothing(gpt_run):
         older.state.params["embed"]["embedding"], state.params["embed"]["embedding"]
     )
     assert _snapshot(workdir) == before
+
+
+class Regressor(nnx.Module):
+    """A model of the test's own, with BatchNorm statistics (model state beyond params)."""
+
+    def __init__(self, rngs):
+        self.up = nnx.Linear(4, 16, kernel_metadata={"out_sharding": ("embed", "mlp")}, rngs=rngs)
+        self.norm = nnx.BatchNorm(16, rngs=rngs)
+        self.down = nnx.Linear(16, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.relu(self.norm(self.up(x))))[:, 0]
+
+
+def _mse(model, batch, rngs):
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2), {}
+
+
+def test_load_run_of_a_task_given_in_code(tmp_path):
+    x = np.random.default_rng(0).normal(size=(96, 4)).astype(np.float32)
+    examples = {"x": x, "y": x.sum(1)}
+    task = jaxtrain.Task(
+        model=lambda rngs: Regressor(rngs), loss=_mse, data=examples, eval_data=examples
+    )
+    config = jaxtrain.load_config("base.py")
+    config.update(
+        mesh={"fsdp": 2, "tensor": 2, "data": 2},
+        rules=(("activation_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor")),
+        global_batch_size=16,
+        num_train_steps=3,
+        eval_every_steps=3,
+        checkpoint_every_steps=3,
+    )
+    state, result = jaxtrain.train_and_evaluate(config, str(tmp_path), task=task)
+    with pytest.raises(jaxtrain.ConfigError, match=r"config.task is empty\): pass the same"):
+        jaxtrain.load_run(str(tmp_path))
+    run = jaxtrain.load_run(str(tmp_path), task=task, mesh={"data": 1}, devices=jax.devices()[:1])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.state), jax.device_get(state))
+    assert runs.eval_split_name(run) == "eval_data"
+    assert runs.evaluate_run(run)["loss"] == pytest.approx(result["loss"], rel=1e-5)
+    # The NNX model in eval mode: BatchNorm's trained statistics, so a row's output does
+    # not depend on the rest of its batch.
+    model = run.model()
+    np.testing.assert_allclose(model(x[:5]), model(x)[:5], rtol=1e-5, atol=1e-6)
+    with pytest.raises(jaxtrain.ConfigError, match="--split works for the bundled tasks"):
+        runs.evaluate_run(run, split="train")
 
 
 def test_load_run_errors_name_the_problem(gpt_run, tmp_path):
