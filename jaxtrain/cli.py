@@ -242,9 +242,12 @@ class _RunCommand:
             return _error(e)
 
 
-def _run_flags(flags, flag_values, *, step_help="checkpoint step; default: the newest"):
+def _run_flags(flags, flag_values):
+    """The flags of the commands that load a run: --workdir, --step, --mesh."""
     flags.DEFINE_string("workdir", None, "The run directory.", flag_values=flag_values)
-    flags.DEFINE_integer("step", None, step_help, flag_values=flag_values)
+    flags.DEFINE_integer(
+        "step", None, "Checkpoint step; default: the newest whole one.", flag_values=flag_values
+    )
     flags.DEFINE_string(
         "mesh",
         None,

@@ -124,16 +124,16 @@ class Attention(nnx.Module):
         return self.out(constrain(y, _HEADS))
 
     def decode(self, x, positions, cache):
-        """Attention of `x` (at `positions`, consecutive) over the cache plus itself.
+        """Causal attention of `x` over the cached positions and its own.
 
         Args:
-          x: [batch, length, embed], the inputs at `positions`.
-          positions: [length] int32, consecutive, the first one where the cache is filled up to.
-          cache: {"key", "value"}: [batch, max_length, kv_heads, head_dim].
+          x: [batch, length, embed] at `positions`.
+          positions: [length] consecutive positions; the cache holds those before them.
+          cache: {"key", "value"}, each [batch, max_length, kv_heads, head_dim].
 
         Returns:
-          (output [batch, length, embed], the cache with this block's keys and values
-          written at `positions`).
+          (output [batch, length, embed], the cache with `x`'s keys and values written
+          at `positions`).
         """
         q, k, v = self._project(x, positions)
         start = (0, positions[0], 0, 0)
@@ -143,7 +143,7 @@ class Attention(nnx.Module):
                 cache["value"], v.astype(cache["value"].dtype), start
             ),
         }
-        cache = {name: constrain(c, _CACHE) for name, c in cache.items()}
+        cache = jax.tree.map(lambda c: constrain(c, _CACHE), cache)
         # Slots past a query's own position are empty (or hold a later token): masked out.
         slots = jnp.arange(cache["key"].shape[1])
         mask = (slots[None, :] <= positions[:, None])[None, None]  # [1, 1, length, max_length]
