@@ -38,6 +38,10 @@ setuptools.setup(
         # TensorBoard event files without TensorFlow.
         "tensorboardX>=2.6",
         "tqdm>=4.66",
+        # `jaxtrain plot`: curves drawn on an Agg canvas (no display needed).
+        "matplotlib>=3.8",
+        # jax.export's serialization (`jaxtrain export`); jax does not require it itself.
+        "flatbuffers>=24.3",
     ],
     extras_require={
         "test": ["pytest>=8.0", "portpicker>=1.6", "ruff>=0.6"],

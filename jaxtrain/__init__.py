@@ -17,13 +17,21 @@ Or write your own loop from the pieces it is made of:
     step = jaxtrain.compile_train_step(jaxtrain.make_train_step(my_loss, layout), layout, batch)
     checkpointer = jaxtrain.Checkpointer(workdir, config.checkpoint)
 
+Read a finished (or running) run back, without writing to it:
+
+    config, task, layout, state = jaxtrain.load_run("runs/mine")   # latest checkpoint
+    model = jaxtrain.load_run("runs/gpt", step=200).model()         # the NNX model, eval mode
+
 The input pipeline is `jaxtrain.data` (any examples -> checkpointable, per-process
-batches); the command line is `jaxtrain train|plan` (see `jaxtrain.cli`).
+batches); the command line is `jaxtrain train|plan|sample|eval|plot|export` (see
+`jaxtrain.cli`), each command a thin layer over a module (`jaxtrain.sample`,
+`jaxtrain.runs`, `jaxtrain.plot`, `jaxtrain.export`).
 """
 
 from jaxtrain.checkpoint import Checkpointer, latest_compatible_step
 from jaxtrain.config import load_config
 from jaxtrain.errors import ConfigError
+from jaxtrain.runs import load_run
 from jaxtrain.sharding import Rules, make_mesh
 from jaxtrain.state import StateLayout, TrainState, create_state, make_state_layout
 from jaxtrain.steps import compile_train_step, jit_eval_step, make_eval_step, make_train_step
@@ -45,6 +53,7 @@ __all__ = [
     "jit_eval_step",
     "latest_compatible_step",
     "load_config",
+    "load_run",
     "make_eval_step",
     "make_mesh",
     "make_state_layout",

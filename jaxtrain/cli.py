@@ -2,8 +2,15 @@
 
     jaxtrain train --config=gpt_pysource.py[:arg] --workdir=DIR [--config.key=value ...]
     jaxtrain plan --config=gpt_pysource.py[:arg] --topology=v5p-64 [--json] [...]
+    jaxtrain sample --workdir=DIR --prompt=TEXT [--max_new_tokens=N --temperature=T ...]
+    jaxtrain eval --workdir=DIR [--split=NAME] [--step=N]
+    jaxtrain plot DIR [DIR ...] [--metric=loss] --out=curves.png
+    jaxtrain export --workdir=DIR --out=FILE [--step=N]
 
-`--config` is a config file's path or the name of a bundled config (configs/).
+`main` dispatches to one function per command (COMMANDS). `train` and `plan` read a
+config (`--config` is a config file's path or the name of a bundled config, configs/);
+`sample`, `eval` and `export` read a run directory (`jaxtrain.load_run`), `plot` its
+metrics.
 
 Exit status (see jaxtrain/errors.py): 0 done; 2 bad input (a missing config file, an
 unknown or mistyped override, a mesh that does not fit the devices, a workdir another run
@@ -13,28 +20,40 @@ failed (one line naming the path and the cause); 75 preempted (SIGTERM): a check
 the last step has committed, rerun the same command; 130 Ctrl-C, likewise.
 """
 
+import dataclasses
 import difflib
 import signal
 import sys
+from collections.abc import Callable
 
 from jaxtrain.config import config_path, load_config
-from jaxtrain.errors import EXIT_BAD_INPUT, ConfigError
+from jaxtrain.errors import EXIT_BAD_INPUT, EXIT_IO, ConfigError, StorageError
 
 USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
                       [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
        jaxtrain plan --config=FILE.py[:ARG] --topology=NAME [--json] [--config.KEY=VALUE ...]
+       jaxtrain sample --workdir=DIR [--prompt=TEXT] [--max_new_tokens=N] [--temperature=T]
+                       [--top_k=K] [--seed=S] [--step=N] [--mesh=AXIS=SIZE,...]
+       jaxtrain eval --workdir=DIR [--split=NAME] [--step=N] [--eval_steps=N] [--mesh=...]
+       jaxtrain plot DIR [DIR ...] --out=FILE.png [--metric=NAME]
+       jaxtrain export --workdir=DIR --out=FILE [--step=N] [--input_key=KEY]
+                       [--platforms=cpu,cuda,tpu] [--mesh=...]
 
 commands:
   train   train and evaluate; rerunning with the same --workdir resumes from its checkpoint
   plan    compile the train step for a topology that need not be attached (v5p-64, v5e-16,
           h100x8x4, cpu-8, ...): per-device memory and whether it fits, FLOPs per step,
           collectives; --json for machine-readable output
+  sample  continue a UTF-8 prompt with a language-model run's checkpoint (KV cache)
+  eval    evaluate a checkpoint on a data split; append the metrics to metrics.jsonl
+  plot    train and eval curves of one or more runs on one figure (PNG)
+  export  the model's inference function and weights as one jax.export file
 """
 
 
-def _error(message: str) -> int:
+def _error(message: str, status: int = EXIT_BAD_INPUT) -> int:
     print(f"jaxtrain: error: {' '.join(str(message).split())}", file=sys.stderr)
-    return EXIT_BAD_INPUT
+    return status
 
 
 def _flag_value(argv, name):
@@ -76,9 +95,19 @@ def main(argv: list[str]) -> int:
         print(USAGE, file=sys.stderr if len(argv) < 2 else sys.stdout)
         return EXIT_BAD_INPUT if len(argv) < 2 else 0
     command, args = argv[1], argv[2:]
-    if command not in ("train", "plan"):
-        return _error(f"unknown command {command!r}; commands are 'train' and 'plan'")
+    if command not in COMMANDS:
+        names = [repr(name) for name in COMMANDS]
+        return _error(
+            f"unknown command {command!r}; commands are {', '.join(names[:-1])} and {names[-1]}"
+        )
+    return COMMANDS[command](argv[0], args)
 
+
+# --- train and plan: a config file and its --config.KEY=VALUE overrides -----------------
+
+
+def _config_command(command: str, program: str, args: list[str]) -> int:
+    """Parses `train` and `plan` flags (the config and its overrides) and runs the command."""
     spec = _flag_value(args, "config")
     if not spec:
         return _error("--config=FILE.py[:ARG] is required")
@@ -96,7 +125,7 @@ def main(argv: list[str]) -> int:
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
-    command_line = [argv[0], *args]
+    command_line = [program, *args]
     # config_flags finds the --config.KEY overrides in `sys_argv`, not in what is parsed.
     config_flags.DEFINE_config_file(
         "config",
@@ -141,57 +170,236 @@ def main(argv: list[str]) -> int:
         flag_values(command_line)
     except Exception as e:  # absl flag errors, unknown config keys, bad values
         return _error(_diagnose(args, e))
-
-    from jaxtrain.errors import EXIT_IO, EXIT_NONFINITE, StorageError
-    from jaxtrain.nonfinite import NonFiniteError
-    from jaxtrain.preemption import Preempted, restore_signal_handlers, stop_at_once_on_signals
-
     try:
-        if command == "train":
-            # Before anything slow: a signal until the run installs its own handling (in
-            # train_and_evaluate) stops the command at once, with nothing to save.
-            previous = stop_at_once_on_signals()
-            try:
-                return _train(flag_values)
-            except Preempted as e:
-                print(f"jaxtrain: {e}", file=sys.stderr)
-                return e.exit_status
-            except NonFiniteError as e:
-                print(f"jaxtrain: error: {e}", file=sys.stderr)
-                return EXIT_NONFINITE
-            except StorageError as e:
-                print(f"jaxtrain: error: {' '.join(str(e).split())}", file=sys.stderr)
-                return EXIT_IO
-            finally:
-                if _CONSOLE:
-                    # Python resets its own handlers to the default (terminate) while the
-                    # interpreter shuts down: only SIG_IGN keeps a late signal from turning
-                    # the status into 143.
-                    restore_signal_handlers(dict.fromkeys(previous, signal.SIG_IGN))
-                else:  # called from Python (tests, notebooks): put them back
-                    restore_signal_handlers(previous)
-        else:
-            # Nothing before this may start jax's backend: plan first sets the CPU device count.
-            from jaxtrain import plan
-
-            report = plan.make_plan(flag_values.config, flag_values.topology)
-            print(plan.to_json(report) if flag_values.json else plan.format_plan(report))
+        return _train(flag_values) if command == "train" else _plan(flag_values)
     except ConfigError as e:
         return _error(e)
-    return 0
+    except StorageError as e:
+        return _error(e, EXIT_IO)
 
 
 def _train(flag_values) -> int:
-    from jaxtrain import distributed
-    from jaxtrain.train import train_and_evaluate
+    from jaxtrain.errors import EXIT_NONFINITE
+    from jaxtrain.nonfinite import NonFiniteError
+    from jaxtrain.preemption import Preempted, restore_signal_handlers, stop_at_once_on_signals
 
-    # First: jax sizes its backend to the whole job when the backend starts.
-    if distributed.initialize(
-        flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
-    ):
-        print(distributed.describe(), flush=True)  # each host's log says which it is
-    train_and_evaluate(flag_values.config, flag_values.workdir)
+    # Before anything slow: a signal until the run installs its own handling (in
+    # train_and_evaluate) stops the command at once, with nothing to save.
+    previous = stop_at_once_on_signals()
+    try:
+        from jaxtrain import distributed
+        from jaxtrain.train import train_and_evaluate
+
+        # First: jax sizes its backend to the whole job when the backend starts.
+        if distributed.initialize(
+            flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
+        ):
+            print(distributed.describe(), flush=True)  # each host's log says which it is
+        train_and_evaluate(flag_values.config, flag_values.workdir)
+    except Preempted as e:
+        print(f"jaxtrain: {e}", file=sys.stderr)
+        return e.exit_status
+    except NonFiniteError as e:
+        return _error(e, EXIT_NONFINITE)
+    finally:
+        if _CONSOLE:
+            # Python resets its own handlers to the default (terminate) while the
+            # interpreter shuts down: only SIG_IGN keeps a late signal from turning the
+            # status into 143.
+            restore_signal_handlers(dict.fromkeys(previous, signal.SIG_IGN))
+        else:  # called from Python (tests, notebooks): put them back
+            restore_signal_handlers(previous)
     return 0
+
+
+def _plan(flag_values) -> int:
+    # Nothing before this may start jax's backend: plan first sets the CPU device count.
+    from jaxtrain import plan
+
+    report = plan.make_plan(flag_values.config, flag_values.topology)
+    print(plan.to_json(report) if flag_values.json else plan.format_plan(report))
+    return 0
+
+
+# --- sample, eval, plot, export: a run directory -------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _RunCommand:
+    """A command over run directories: its flags, then `run(flag_values, positional)`.
+
+    Bad input (a flag, a run directory, an argument) is one line `jaxtrain: error: ...`
+    and exit status 2.
+    """
+
+    define: Callable  # define(flags, flag_values): declares the command's flags
+    run: Callable  # run(flag_values, positional args) -> exit status
+    required: tuple[str, ...] = ()  # flags that must be given
+    positional: bool = False  # whether it takes positional arguments
+
+    def __call__(self, program: str, args: list[str]) -> int:
+        from absl import flags
+
+        flag_values = flags.FlagValues()
+        self.define(flags, flag_values)
+        try:
+            rest = flag_values([program, *args])[1:]
+        except Exception as e:  # unknown flags, values that do not convert
+            return _error(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        if rest and not self.positional:
+            return _error(f"unexpected argument {rest[0]!r}")
+        for name in self.required:
+            if getattr(flag_values, name) is None:
+                return _error(f"--{name}=... is required")
+        try:
+            return self.run(flag_values, rest)
+        except ConfigError as e:
+            return _error(e)
+        except StorageError as e:
+            return _error(e, EXIT_IO)
+
+
+def _run_flags(flags, flag_values):
+    """The flags of the commands that load a run: --workdir, --step, --mesh."""
+    flags.DEFINE_string("workdir", None, "The run directory.", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "step", None, "Checkpoint step; default: the newest whole one.", flag_values=flag_values
+    )
+    flags.DEFINE_string(
+        "mesh",
+        None,
+        "Mesh axis sizes replacing the run's config.mesh, e.g. data=-1 or fsdp=4,tensor=2.",
+        flag_values=flag_values,
+    )
+
+
+def _mesh(value: str | None) -> dict[str, int] | None:
+    """`fsdp=4,tensor=2` -> {"fsdp": 4, "tensor": 2}."""
+    if value is None:
+        return None
+    try:
+        return {k.strip(): int(v) for k, v in (part.split("=") for part in value.split(","))}
+    except ValueError:
+        raise ConfigError(
+            f"--mesh={value!r} is not AXIS=SIZE[,AXIS=SIZE...], e.g. data=-1 or fsdp=4,tensor=2"
+        ) from None
+
+
+def _load(flag_values):
+    from jaxtrain.runs import load_run
+
+    return load_run(flag_values.workdir, flag_values.step, mesh=_mesh(flag_values.mesh))
+
+
+def _sample_flags(flags, flag_values):
+    _run_flags(flags, flag_values)
+    flags.DEFINE_string("prompt", "", "Text to continue (UTF-8).", flag_values=flag_values)
+    flags.DEFINE_integer(
+        "max_new_tokens", 200, "Tokens (bytes) to generate.", flag_values=flag_values
+    )
+    flags.DEFINE_float(
+        "temperature", 0.0, "0: the likeliest token (greedy); > 0: sample.", flag_values=flag_values
+    )
+    flags.DEFINE_integer(
+        "top_k", 0, "Sample among the k likeliest tokens; 0: all.", flag_values=flag_values
+    )
+    flags.DEFINE_integer("seed", 0, "Sampling seed.", flag_values=flag_values)
+
+
+def _sample(flag_values, rest) -> int:
+    from jaxtrain import sample
+
+    text = sample.sample_text(
+        _load(flag_values),
+        flag_values.prompt,
+        max_new_tokens=flag_values.max_new_tokens,
+        temperature=flag_values.temperature,
+        top_k=flag_values.top_k,
+        seed=flag_values.seed,
+    )
+    print(text)
+    return 0
+
+
+def _eval_flags(flags, flag_values):
+    _run_flags(flags, flag_values)
+    flags.DEFINE_string(
+        "split",
+        None,
+        "Data split to evaluate (bundled tasks); default: config.data.eval_split.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "eval_steps",
+        None,
+        "Global batches to evaluate, spread over the split; -1: all of it; "
+        "default: config.eval_steps, as in training.",
+        flag_values=flag_values,
+    )
+
+
+def _eval(flag_values, rest) -> int:
+    from jaxtrain import metrics, runs
+
+    run = _load(flag_values)
+    split = runs.eval_split_name(run, flag_values.split)
+    result = runs.evaluate_run(run, flag_values.split, flag_values.eval_steps)
+    record = metrics.append(flag_values.workdir, run.step, f"eval:{split}", result)
+    print(metrics.format_record(record))
+    return 0
+
+
+def _plot_flags(flags, flag_values):
+    flags.DEFINE_string("out", None, "The PNG file to write.", flag_values=flag_values)
+    flags.DEFINE_string("metric", "loss", "The metric to plot.", flag_values=flag_values)
+
+
+def _plot(flag_values, rest) -> int:
+    from jaxtrain import plot
+
+    if not rest:
+        raise ConfigError("no run directories: jaxtrain plot DIR [DIR ...] --out=FILE.png")
+    plot.plot_runs(rest, metric=flag_values.metric, out=flag_values.out)
+    print(flag_values.out)
+    return 0
+
+
+def _export_flags(flags, flag_values):
+    _run_flags(flags, flag_values)
+    flags.DEFINE_string("out", None, "The file to write.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "input_key", "inputs", "The example key the model takes.", flag_values=flag_values
+    )
+    flags.DEFINE_list(
+        "platforms",
+        None,
+        "Platforms to export for (cpu, cuda, rocm, tpu); default: this machine's.",
+        flag_values=flag_values,
+    )
+
+
+def _export(flag_values, rest) -> int:
+    from jaxtrain import export
+
+    run = _load(flag_values)
+    platforms = tuple(flag_values.platforms) if flag_values.platforms else None
+    exported = export.export_inference(run, input_key=flag_values.input_key, platforms=platforms)
+    size = export.save(exported, flag_values.out)
+    print(
+        f"exported step {run.step} of {flag_values.workdir}: {export.describe(exported)} "
+        f"to {flag_values.out} ({size:,} bytes)"
+    )
+    return 0
+
+
+COMMANDS = {
+    "train": lambda program, args: _config_command("train", program, args),
+    "plan": lambda program, args: _config_command("plan", program, args),
+    "sample": _RunCommand(_sample_flags, _sample, required=("workdir",)),
+    "eval": _RunCommand(_eval_flags, _eval, required=("workdir",)),
+    "plot": _RunCommand(_plot_flags, _plot, required=("out",), positional=True),
+    "export": _RunCommand(_export_flags, _export, required=("workdir", "out")),
+}
 
 
 # True in the `jaxtrain` process itself, whose signal handlers stay ours to its end.

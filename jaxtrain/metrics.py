@@ -16,6 +16,8 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
+from jaxtrain.errors import StorageError
+
 _console_lost = False
 
 
@@ -129,6 +131,35 @@ class MetricWriter:
                     f.close()
                 except OSError:  # what it could not flush was reported when it failed
                     pass
+
+
+def append(workdir: str, step: int, split: str, scalars: dict[str, float]) -> dict:
+    """Appends one record to `workdir/metrics.jsonl` from outside a training run.
+
+    For commands that add to a run's log (`jaxtrain eval`): no progress bar, no
+    TensorBoard, no truncation. Each record is one write of one line in append mode, so
+    a run training at the same time keeps its own lines whole. Process 0 only.
+
+    Returns:
+      The record, `{"step": step, "split": split, **scalars}`, as written.
+    """
+    order = {k: i for i, k in enumerate(_ORDER)}
+    keys = sorted(scalars, key=lambda k: (order.get(k, len(order)), k))
+    record = {"step": step, "split": split, **{k: float(scalars[k]) for k in keys}}
+    if jax.process_index() == 0:
+        path = os.path.join(workdir, "metrics.jsonl")
+        try:
+            with open(path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:
+            raise StorageError(f"cannot append to {path!r}: {e.strerror or e}") from e
+    return record
+
+
+def format_record(record: dict) -> str:
+    """A record as the console shows it: `step N split | loss 1.652 | ...`."""
+    shown = " | ".join(f"{k} {_fmt(v)}" for k, v in record.items() if k not in ("step", "split"))
+    return f"step {record['step']:>6} {record['split']:>5} | {shown}"
 
 
 def _fmt(value: float) -> str:

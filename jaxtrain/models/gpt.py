@@ -6,6 +6,15 @@ constrained at block boundaries so XLA does not invent surprising layouts.
 
 Its hyperparameters are one typed `GPTConfig` with no defaults: every one comes from the
 config file (`config.model`), so a field deleted there is an error, not a silent default.
+
+Decoding with a KV cache is a second path beside the training forward pass, sharing its
+weights and projections but not its code path, so training numerics never depend on it:
+
+    cache = model.init_cache(batch_size, max_length)     # keys and values, per layer
+    logits, cache = model.decode(prompt, cache, 0)       # prefill: every prompt position
+    logits, cache = model.decode(next_tokens, cache, n)  # then one position at a time
+
+`jaxtrain.sample` runs that loop inside one jitted `lax.fori_loop`.
 """
 
 import dataclasses
@@ -18,6 +27,11 @@ from flax import nnx
 from jaxtrain.sharding import constrain
 
 BLE = ("activation_batch", "activation_length", "activation_embed")
+_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+_KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", None)
+# A KV cache's layout: [batch, max_length, kv_heads, head_dim]. Its length is never split:
+# each decoding step reads all of it.
+_CACHE = ("activation_batch", None, "activation_kv_heads", None)
 
 # What the backward pass may keep from the forward pass of a block, by config name:
 # "none" keeps everything (fastest, most memory), "full" keeps only the block's input and
@@ -96,16 +110,48 @@ class Attention(nnx.Module):
             **kw,
         )
 
+    def _project(self, x, positions):
+        q = constrain(rope(self.query(x), positions, self.rope_base), _HEADS)
+        k = constrain(rope(self.key(x), positions, self.rope_base), _KV_HEADS)
+        v = constrain(self.value(x), _KV_HEADS)
+        return q, k, v
+
     def __call__(self, x, positions):
-        heads = ("activation_batch", "activation_length", "activation_heads", None)
-        kv_heads = ("activation_batch", "activation_length", "activation_kv_heads", None)
-        q = constrain(rope(self.query(x), positions, self.rope_base), heads)
-        k = constrain(rope(self.key(x), positions, self.rope_base), kv_heads)
-        v = constrain(self.value(x), kv_heads)
+        q, k, v = self._project(x, positions)
         y = jax.nn.dot_product_attention(
             q, k, v, is_causal=True, implementation=self.attention_impl
         )
-        return self.out(constrain(y, heads))
+        return self.out(constrain(y, _HEADS))
+
+    def decode(self, x, positions, cache):
+        """Causal attention of `x` over the cached positions and its own.
+
+        Args:
+          x: [batch, length, embed] at `positions`.
+          positions: [length] consecutive positions; the cache holds those before them.
+          cache: {"key", "value"}, each [batch, max_length, kv_heads, head_dim].
+
+        Returns:
+          (output [batch, length, embed], the cache with `x`'s keys and values written
+          at `positions`).
+        """
+        q, k, v = self._project(x, positions)
+        start = (0, positions[0], 0, 0)
+        cache = {
+            "key": jax.lax.dynamic_update_slice(cache["key"], k.astype(cache["key"].dtype), start),
+            "value": jax.lax.dynamic_update_slice(
+                cache["value"], v.astype(cache["value"].dtype), start
+            ),
+        }
+        cache = jax.tree.map(lambda c: constrain(c, _CACHE), cache)
+        # Slots past a query's own position are empty (or hold a later token): masked out.
+        slots = jnp.arange(cache["key"].shape[1])
+        mask = (slots[None, :] <= positions[:, None])[None, None]  # [1, 1, length, max_length]
+        # XLA's implementation: cuDNN's fused kernel takes causal or padding masks only.
+        y = jax.nn.dot_product_attention(
+            q, cache["key"], cache["value"], mask=mask, implementation="xla"
+        )
+        return self.out(constrain(y, _HEADS)), cache
 
 
 class MLP(nnx.Module):
@@ -224,6 +270,12 @@ class Block(nnx.Module):
         y = self.mlp(self.mlp_norm(x))
         return constrain(x + self.dropout(y, rngs=rngs), BLE)
 
+    def decode(self, x, positions, cache):
+        """The block in eval mode (no dropout) over a KV cache; returns (x, cache)."""
+        y, cache = self.attn.decode(self.attn_norm(x), positions, cache)
+        x = constrain(x + y, BLE)
+        return constrain(x + self.mlp(self.mlp_norm(x)), BLE), cache
+
 
 class GPT(nnx.Module):
     """Decoder-only language model over integer tokens [batch, length] -> float32 logits.
@@ -235,6 +287,8 @@ class GPT(nnx.Module):
     def __init__(self, cfg: GPTConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         self.cfg = cfg
         self.deterministic = False
+        # Keys and values are computed in the compute dtype; the cache keeps them so.
+        self.cache_dtype = dtype or param_dtype
         self.embed = nnx.Embed(
             cfg.vocab_size,
             cfg.embed_dim,
@@ -299,10 +353,61 @@ class GPT(nnx.Module):
         else:
             for block, key in zip(self.blocks, keys, strict=True):
                 x = apply_block(x, block, key)
+        return self._logits(x)
+
+    def _logits(self, x):
         logits = self.lm_head(self.final_norm(x))
         # Loss and softmax in float32 whatever the compute dtype.
         logits = constrain(logits, ("activation_batch", "activation_length", "activation_vocab"))
         return logits.astype(jnp.float32)
+
+    def init_cache(self, batch_size: int, max_length: int):
+        """An empty KV cache for `decode`: room for `max_length` positions of each sequence.
+
+        Returns:
+          Per layer `{"key", "value"}` of zeros [batch, max_length, kv_heads, head_dim] in
+          the compute dtype: a list over layers, or one dict with a leading layers axis
+          when the layers are scanned (as their weights are stacked).
+        """
+        cfg = self.cfg
+        shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+        if cfg.scan_layers:
+            shape = (cfg.num_layers, *shape)
+        empty = lambda: {name: jnp.zeros(shape, self.cache_dtype) for name in ("key", "value")}
+        return empty() if cfg.scan_layers else [empty() for _ in range(cfg.num_layers)]
+
+    def decode(self, tokens, cache, index):
+        """Logits of `tokens` placed at positions `index`, `index + 1`, ..., using the cache.
+
+        The same function of the sequence as `__call__` in eval mode, but each position
+        attends to the keys and values cached for the positions before it instead of
+        recomputing them, so generating n tokens costs O(n) block evaluations, not O(n^2).
+
+        Args:
+          tokens: [batch, length] int, the next `length` tokens of every sequence
+            (the whole prompt to prefill, then one token per step).
+          cache: from `init_cache` or the previous `decode`, filled up to `index`.
+          index: int32 scalar (may be traced), the position of `tokens[:, 0]`.
+
+        Returns:
+          (float32 logits [batch, length, vocab], the cache filled up to `index + length`).
+        """
+        positions = index + jnp.arange(tokens.shape[1])
+        x = constrain(self.embed(tokens), BLE)
+
+        def apply_block(x, block, layer_cache):
+            return block.decode(x, positions, layer_cache)
+
+        if self.cfg.scan_layers:
+            scan = nnx.scan(apply_block, in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0))
+            x, cache = scan(x, self.blocks, cache)
+        else:
+            filled = []
+            for block, layer_cache in zip(self.blocks, cache, strict=True):
+                x, layer_cache = apply_block(x, block, layer_cache)
+                filled.append(layer_cache)
+            cache = filled
+        return self._logits(x), cache
 
 
 def train_flops_per_sequence(cfg: GPTConfig, params, seq_len: int) -> float:

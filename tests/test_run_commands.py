@@ -1,0 +1,291 @@
+"""After training: `jaxtrain.load_run` and the `sample`, `eval`, `plot` and `export` commands,
+used from outside on real (tiny) runs."""
+
+import hashlib
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config, read_metrics, train_gpt_smoke
+from flax import nnx
+
+import jaxtrain
+from jaxtrain import cli, plot, runs, sample
+from jaxtrain.train import train_and_evaluate
+
+MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+
+
+@pytest.fixture(scope="module")
+def gpt_run(tmp_path_factory, data_dir):
+    """A 4-step smoke GPT run on data x fsdp x tensor, checkpointed at steps 2 and 4."""
+    workdir = tmp_path_factory.mktemp("runs") / "gpt"
+    state, result, _ = train_gpt_smoke(data_dir, workdir, MESH, steps=4, checkpoint_every_steps=2)
+    return workdir, state, result
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory, data_dir):
+    """A 2-step smoke CNN run: a task that is not a language model."""
+    workdir = tmp_path_factory.mktemp("runs") / "digits"
+    config = load_config(
+        "digits_cnn", "smoke", data_dir=data_dir, num_train_steps=2, checkpoint_every_steps=2
+    )
+    train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+def _snapshot(directory):
+    """Every directory and file under `directory`, files with a hash of their bytes."""
+    result = {}
+    for root, dirs, files in os.walk(directory):
+        for name in dirs:
+            result[os.path.relpath(os.path.join(root, name), directory)] = "dir"
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                result[os.path.relpath(os.path.join(root, name), directory)] = hashlib.sha256(
+                    f.read()
+                ).hexdigest()
+    return result
+
+
+def _cli(capsys, *argv):
+    """(status, stdout, stderr lines) of `jaxtrain ARGV...` run in this process."""
+    status = cli.main(["jaxtrain", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return status, out, err.strip().splitlines()
+
+
+def _one_error(capsys, *argv):
+    status, _, err = _cli(capsys, *argv)
+    assert status == 2 and len(err) == 1, err
+    assert err[0].startswith("jaxtrain: error: ")
+    return err[0]
+
+
+def test_load_run_restores_the_trained_state_and_writes_nothing(gpt_run):
+    workdir, trained, _ = gpt_run
+    before = _snapshot(workdir)
+    config, task, layout, state = jaxtrain.load_run(str(workdir))
+    assert int(state.step) == 4 and config.task == "lm" and task.name == "gpt"
+    assert layout.mesh.shape == {"data": 2, "fsdp": 2, "sequence": 1, "tensor": 2}
+    kernel = state.params["blocks"][0]["mlp"]["up"]["kernel"]
+    assert kernel.sharding == trained.params["blocks"][0]["mlp"]["up"]["kernel"].sharding
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), jax.device_get(trained))
+    # An older step, onto another mesh of 4 devices.
+    older = jaxtrain.load_run(str(workdir), step=2, mesh={"fsdp": 4}, devices=jax.devices()[:4])
+    assert older.step == 2 and older.layout.mesh.devices.size == 4
+    assert not np.array_equal(
+        older.state.params["embed"]["embedding"], state.params["embed"]["embedding"]
+    )
+    assert _snapshot(workdir) == before
+
+
+class Regressor(nnx.Module):
+    """A model of the test's own, with BatchNorm statistics (model state beyond params)."""
+
+    def __init__(self, rngs):
+        self.up = nnx.Linear(4, 16, kernel_metadata={"out_sharding": ("embed", "mlp")}, rngs=rngs)
+        self.norm = nnx.BatchNorm(16, rngs=rngs)
+        self.down = nnx.Linear(16, 1, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.relu(self.norm(self.up(x))))[:, 0]
+
+
+def _mse(model, batch, rngs):
+    return jnp.mean((model(batch["x"]) - batch["y"]) ** 2), {}
+
+
+def test_load_run_of_a_task_given_in_code(tmp_path):
+    x = np.random.default_rng(0).normal(size=(96, 4)).astype(np.float32)
+    examples = {"x": x, "y": x.sum(1)}
+    task = jaxtrain.Task(
+        model=lambda rngs: Regressor(rngs), loss=_mse, data=examples, eval_data=examples
+    )
+    config = jaxtrain.load_config("base.py")
+    config.update(
+        mesh={"fsdp": 2, "tensor": 2, "data": 2},
+        rules=(("activation_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor")),
+        global_batch_size=16,
+        num_train_steps=3,
+        eval_every_steps=3,
+        checkpoint_every_steps=3,
+    )
+    state, result = jaxtrain.train_and_evaluate(config, str(tmp_path), task=task)
+    with pytest.raises(jaxtrain.ConfigError, match=r"config.task is empty\): pass the same"):
+        jaxtrain.load_run(str(tmp_path))
+    run = jaxtrain.load_run(str(tmp_path), task=task, mesh={"data": 1}, devices=jax.devices()[:1])
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(run.state), jax.device_get(state))
+    assert runs.eval_split_name(run) == "eval_data"
+    assert runs.evaluate_run(run)["loss"] == pytest.approx(result["loss"], rel=1e-5)
+    # The NNX model in eval mode: BatchNorm's trained statistics, so a row's output does
+    # not depend on the rest of its batch.
+    model = run.model()
+    np.testing.assert_allclose(model(x[:5]), model(x)[:5], rtol=1e-5, atol=1e-6)
+    with pytest.raises(jaxtrain.ConfigError, match="--split works for the bundled tasks"):
+        runs.evaluate_run(run, split="train")
+
+
+def test_load_run_errors_name_the_problem(gpt_run, tmp_path):
+    workdir, _, _ = gpt_run
+    cases = {
+        str(tmp_path / "nope"): "does not exist or is not a directory",
+        str(tmp_path): "has no config.json: not a jaxtrain run directory",
+    }
+    (tmp_path / "fresh").mkdir()
+    shutil.copy(workdir / "config.json", tmp_path / "fresh")
+    cases[str(tmp_path / "fresh")] = "has no whole checkpoint"
+    for path, message in cases.items():
+        with pytest.raises(jaxtrain.ConfigError, match=message):
+            jaxtrain.load_run(path)
+    with pytest.raises(jaxtrain.ConfigError, match=r"no checkpoint step 3 .*; steps: \[2, 4\]"):
+        jaxtrain.load_run(str(workdir), step=3)
+    with pytest.raises(jaxtrain.ConfigError, match=r"needs 3 devices.*--mesh=data=-1"):
+        jaxtrain.load_run(str(workdir), mesh={"data": 3})
+
+
+def test_sample_command_prints_a_deterministic_greedy_continuation(gpt_run, capsys):
+    workdir, _, _ = gpt_run
+    argv = ("sample", f"--workdir={workdir}", "--prompt=def f(x):", "--max_new_tokens=16")
+    status, first, _ = _cli(capsys, *argv)
+    assert status == 0
+    assert _cli(capsys, *argv)[1] == first
+    # What it prints is the library's greedy continuation, decoded.
+    tokens = sample.generate(
+        jaxtrain.load_run(str(workdir)), sample.encode("def f(x):"), max_new_tokens=16
+    )
+    assert first == sample.decode_bytes(tokens[0]) + "\n"
+    # Sampling (reproducible by seed, tested in test_decode.py) draws something else.
+    status, drawn, _ = _cli(capsys, *argv, "--temperature=1.0", "--top_k=20", "--seed=7")
+    assert status == 0 and drawn != first
+
+
+def test_sample_bad_input_is_one_line_exit_2(gpt_run, digits_run, capsys, tmp_path):
+    workdir, _, _ = gpt_run
+    assert "does not exist" in _one_error(capsys, "sample", f"--workdir={tmp_path / 'x'}")
+    assert "--workdir=... is required" in _one_error(capsys, "sample", "--prompt=hi")
+    message = _one_error(capsys, "sample", f"--workdir={digits_run}", "--prompt=hi")
+    assert "task 'classification' (model 'cnn'), not a language model" in message
+    assert "temperature must be >= 0" in _one_error(
+        capsys, "sample", f"--workdir={workdir}", "--temperature=-1"
+    )
+    assert "Unknown command line flag 'temprature'" in _one_error(
+        capsys, "sample", f"--workdir={workdir}", "--temprature=1"
+    )
+
+
+def test_eval_command_appends_a_record_and_changes_nothing_else(gpt_run, capsys):
+    workdir, _, result = gpt_run
+    checkpoints = _snapshot(workdir / "checkpoints")
+    with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+        log = f.read()
+    status, out, _ = _cli(capsys, "eval", f"--workdir={workdir}")
+    assert status == 0 and out.startswith("step      4 eval:validation | loss ")
+    # The same checkpoint and data as training's evaluation at step 4: the same numbers.
+    record = read_metrics(workdir, "eval:validation")[4]
+    training = read_metrics(workdir, "eval")[4]
+    assert {k: record[k] for k in ("loss", "accuracy", "perplexity")} == {
+        k: training[k] for k in ("loss", "accuracy", "perplexity")
+    }
+    status, _, _ = _cli(capsys, "eval", f"--workdir={workdir}", "--split=train", "--step=2")
+    assert status == 0
+    assert read_metrics(workdir, "eval:train")[2]["loss"] != record["loss"]
+    message = _one_error(capsys, "eval", f"--workdir={workdir}", "--split=test")
+    assert "has no split 'test'; splits: ['train', 'validation']" in message
+    with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+        grown = f.read()
+    assert grown.startswith(log) and len(grown[len(log) :].splitlines()) == 2
+    assert _snapshot(workdir / "checkpoints") == checkpoints
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        header = f.read(24)
+    assert header[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", header[16:24])
+
+
+def test_plot_command_draws_runs_on_one_figure(gpt_run, digits_run, capsys, tmp_path):
+    workdir, _, _ = gpt_run
+    out = tmp_path / "curves.png"
+    status, printed, _ = _cli(capsys, "plot", workdir, digits_run, f"--out={out}")
+    assert status == 0 and printed.strip() == str(out)
+    assert _png_size(out) == (800, 500)
+    figure = plot.plot_runs([str(workdir), str(digits_run)], metric="accuracy")
+    labels = [t.get_text() for t in figure.axes[0].get_legend().get_texts()]
+    assert f"{workdir} train" in labels and f"{digits_run} eval" in labels
+    message = _one_error(capsys, "plot", workdir, f"--out={tmp_path / 'x.png'}", "--metric=lozz")
+    assert f"run '{workdir}' has no metric 'lozz'; it has ['accuracy'" in message
+    assert "has no metrics.jsonl" in _one_error(capsys, "plot", tmp_path, f"--out={out}")
+    assert not (tmp_path / "x.png").exists()
+
+
+LOAD_AND_CALL = """
+import sys
+import jax
+import numpy as np
+
+with open(sys.argv[1], "rb") as f:
+    forward = jax.export.deserialize(bytearray(f.read()))
+want = np.load(sys.argv[2])
+for name in sorted(want.files):
+    if name.startswith("inputs"):
+        got = np.asarray(forward.call(want[name]))
+        logits = want[name.replace("inputs", "logits")]
+        np.testing.assert_allclose(got, logits, rtol=1e-5, atol=1e-5)
+        print(name, got.shape)
+loaded = sorted(m.split(".")[0] for m in sys.modules)
+assert not {"jaxtrain", "flax", "optax", "orbax"} & set(loaded), loaded
+"""
+
+
+@pytest.mark.parametrize("kind", ["gpt", "digits"])
+def test_exported_model_runs_with_jax_alone(kind, gpt_run, digits_run, capsys, tmp_path):
+    workdir = gpt_run[0] if kind == "gpt" else digits_run
+    out = tmp_path / "model.jaxexport"
+    status, printed, _ = _cli(capsys, "export", f"--workdir={workdir}", f"--out={out}")
+    assert status == 0 and f"to {out} (" in printed
+    model = jaxtrain.load_run(str(workdir)).model()
+    rng = np.random.default_rng(0)
+    if kind == "gpt":  # batch and length symbolic
+        inputs = [rng.integers(0, 256, shape).astype(np.int32) for shape in ((2, 32), (3, 11))]
+        assert "int32[b,t] -> float32[b,t,256]" in printed
+    else:
+        inputs = [rng.integers(0, 256, (n, 8, 8, 1)).astype(np.uint8) for n in (2, 5)]
+        assert "uint8[b,8,8,1] -> float32[b,10]" in printed
+    want = tmp_path / "want.npz"
+    np.savez(
+        want,
+        **{f"inputs{i}": x for i, x in enumerate(inputs)},
+        **{f"logits{i}": np.asarray(model(x)) for i, x in enumerate(inputs)},
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LOAD_AND_CALL), str(out), str(want)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(proc.stdout.splitlines()) == 2, proc.stdout
+
+
+def test_export_bad_input(gpt_run, capsys, tmp_path):
+    workdir, _, _ = gpt_run
+    assert "--out=... is required" in _one_error(capsys, "export", f"--workdir={workdir}")
+    message = _one_error(capsys, "export", f"--workdir={workdir}", f"--out={tmp_path / 'no' / 'm'}")
+    assert "cannot write" in message and "No such file or directory" in message
+    message = _one_error(
+        capsys, "export", f"--workdir={workdir}", f"--out={tmp_path / 'm'}", "--input_key=x"
+    )
+    assert "the task's examples have no 'x'; they have ['inputs', 'targets']" in message
