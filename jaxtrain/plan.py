@@ -86,11 +86,19 @@ def make_plan(
         config.global_batch_size,
         data.batch_shardings(example, mesh, rules, task.batch_axes),
     )
+    refused = None
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         train_step = steps.make_train_step(task.loss, layout, microbatches=config.microbatches)
-        compiled = steps.compile_train_step(train_step, layout, batch)
-    counts = hlo.step_counts(compiled.as_text())
-    stats = hlo.compiled_stats(compiled, counts)
+        try:
+            compiled = steps.compile_train_step(train_step, layout, batch)
+        except jax.errors.JaxRuntimeError as e:
+            # The TPU compiler refuses a program whose temporaries exceed the chip's HBM:
+            # that is this plan's answer, not a failure.
+            if "RESOURCE_EXHAUSTED" not in str(e):
+                raise
+            compiled, refused = None, " ".join(str(e).split())
+    counts = hlo.step_counts(compiled.as_text()) if compiled else None
+    stats = hlo.compiled_stats(compiled, counts) if compiled else {}
 
     memory = {
         "parameters": per_device_bytes(layout.abstract_state.params),
@@ -116,6 +124,9 @@ def make_plan(
     )
     memory["capacity"] = chip.memory_bytes
     memory["fits"] = None if chip.memory_bytes is None else memory["total"] <= chip.memory_bytes
+    memory["refused"] = refused  # the compiler's out-of-memory message, when it gave one
+    if refused:
+        memory.update(fits=False, total=None)
 
     flops, flops_source = steps.flops_per_device_step(
         task.flops_per_example, layout, config.global_batch_size, stats
@@ -141,13 +152,13 @@ def make_plan(
             "over 75% of GPU memory: JAX preallocates 75% by default; raise "
             "XLA_PYTHON_CLIENT_MEM_FRACTION to use more"
         )
-    if counts.unknown_trip_counts:
+    if counts and counts.unknown_trip_counts:
         notes.append(
             f"{counts.unknown_trip_counts} of {counts.loops} loops have a trip count this "
             "reading of the HLO cannot find: their bodies count once in XLA FLOPs, the "
             "collectives and the step-time estimate, which are low"
         )
-    if counts.uncounted_kernels:
+    if counts and counts.uncounted_kernels:
         kernels = ", ".join(f"{k} x{n}" for k, n in sorted(counts.uncounted_kernels.items()))
         notes.append(f"XLA FLOPs leave out the math of library or custom kernels: {kernels}")
     return {
@@ -168,13 +179,13 @@ def make_plan(
         "model_flops_per_device": model_flops,
         "xla_flops_per_device": stats.get("flops_per_step"),  # every loop trip counted
         "xla_flops_per_device_loops_once": stats.get("flops"),  # as cost_analysis() reports
-        "loops": counts.loops,
+        "loops": counts.loops if counts else None,
         "peak_flops": peak,
         "step_time_s": (
             {"mfu_100": flops / peak, "mfu_40": flops / (0.4 * peak)} if flops and peak else None
         ),
         "compiler_estimate": estimate,
-        "collectives": counts.collectives,
+        "collectives": counts.collectives if counts else None,
         "notes": notes,
     }
 
@@ -204,21 +215,8 @@ def format_plan(plan: dict) -> str:
         f"global batch {plan['global_batch_size']} | compute {plan['compute_dtype']}",
         f"memory per device: parameters {_gib(memory['parameters'])}, optimizer state "
         f"{_gib(memory['optimizer_state'])}, batch {_gib(memory['batch'])}",
-        f"  XLA: arguments {_gib(memory['arguments'])}, outputs {_gib(memory['outputs'])} "
-        f"(aliased {_gib(memory['aliased'])}), temporaries (activations, workspace) "
-        f"{_gib(memory['temporaries'])}, "
-        f"generated code {_gib(memory['generated_code'])}",
     ]
-    total = _gib(memory["total"])
-    if memory["fits"] is None:
-        lines.append(f"  total {total} (no memory limit checked for {plan['chip']})")
-    elif memory["fits"]:
-        share = memory["total"] / memory["capacity"]
-        lines.append(f"  total {total} of {_gib(memory['capacity'])}: fits ({share:.1%} used)")
-    else:
-        lines.append(
-            f"  total {total}: does not fit (needs {total}, has {_gib(memory['capacity'])})"
-        )
+    lines += _memory_lines(memory, plan["chip"])
     counted = []
     if plan["model_flops_per_device"] is not None:
         counted.append(f"{_flop(plan['model_flops_per_device'])} model")
@@ -247,12 +245,33 @@ def format_plan(plan: dict) -> str:
         else:
             line += " (TPU cost model)"
         lines.append(line)
-    collectives = ", ".join(
-        f"{op} x{c['count']} ({_gib(c['bytes'])})" for op, c in plan["collectives"].items()
-    )
-    lines.append(f"collectives per step (result bytes per device): {collectives or 'none'}")
+    if plan["collectives"] is not None:
+        collectives = ", ".join(
+            f"{op} x{c['count']} ({_gib(c['bytes'])})" for op, c in plan["collectives"].items()
+        )
+        lines.append(f"collectives per step (result bytes per device): {collectives or 'none'}")
     lines += [f"note: {note}" for note in plan["notes"]]
     return "\n".join(lines)
+
+
+def _memory_lines(memory: dict, chip: str) -> list[str]:
+    """XLA's memory figures and the verdict on fit."""
+    if memory["refused"]:
+        return [f"  does not fit: the compiler refused it: {memory['refused']}"]
+    lines = [
+        f"  XLA: arguments {_gib(memory['arguments'])}, outputs {_gib(memory['outputs'])} "
+        f"(aliased {_gib(memory['aliased'])}), temporaries (activations, workspace) "
+        f"{_gib(memory['temporaries'])}, generated code {_gib(memory['generated_code'])}"
+    ]
+    total, capacity = _gib(memory["total"]), memory["capacity"]
+    if memory["fits"] is None:
+        lines.append(f"  total {total} (no memory limit checked for {chip})")
+    elif memory["fits"]:
+        share = memory["total"] / capacity
+        lines.append(f"  total {total} of {_gib(capacity)}: fits ({share:.1%} used)")
+    else:
+        lines.append(f"  total {total}: does not fit (needs {total}, has {_gib(capacity)})")
+    return lines
 
 
 _DEVICE_NOUNS = {"tpu": "chips", "gpu": "GPUs", "cpu": "devices"}

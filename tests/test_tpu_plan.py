@@ -112,3 +112,16 @@ def test_tensor_axis_spans_neighbouring_chips():
     ordered = topology.physical_order(devices, dict(data=4, fsdp=4, tensor=2))
     for a, b in zip(ordered[::2], ordered[1::2], strict=True):  # each tensor pair
         assert sum(abs(x - y) for x, y in zip(a.coords, b.coords, strict=True)) == 1
+
+
+def test_a_step_the_tpu_compiler_refuses_for_memory_is_reported_as_not_fitting():
+    # 512 sequences of 4,096 tokens on one 16 GiB v5e chip: the attention scores alone
+    # would need over 100 GiB.
+    config = load_config("gpt_pysource", "smoke", global_batch_size=512, data__seq_len=4096)
+    result = plan.make_plan(config, "v5e-1")
+    memory = result["memory"]
+    assert memory["fits"] is False and "RESOURCE_EXHAUSTED" in memory["refused"]
+    assert memory["parameters"] > 0 and result["model_flops_per_device"] > 0
+    assert result["collectives"] is None and result["compiler_estimate"] is None
+    text = plan.format_plan(result)
+    assert "  does not fit: the compiler refused it: " in text and "collectives" not in text
