@@ -54,13 +54,16 @@ def compiled_stats(compiled, counts: "StepCounts | None" = None) -> dict[str, fl
         stats["flops_per_step"] = stats["flops"] + counts.flops - counts.flops_once
         if "optimal_seconds" in stats and stats["flops"] > 0:
             # The compiler gives one estimate for the whole program and none per loop, so
-            # the trips it leaves out are priced at the program's own seconds per FLOP.
-            # That is exact when a loop body runs at the program's average rate; the
-            # optimizer update outside the layer loop is slower per FLOP (memory bound),
-            # so this errs towards a longer step. Compiling an unrolled copy instead
-            # would price a program other than the scanned one that runs, take longer to
-            # compile (71 s against 42 s for a 16-layer 1.2B on the 2-core CI host), and
-            # work only for models that can unroll themselves, not any loop in a step.
+            # the trips it leaves out are priced at the program's own seconds per FLOP. That
+            # is exact only when a loop body runs at the program's average rate. Against the
+            # compiler's estimate for the same GPT built without a loop (scan_layers=False;
+            # BENCHMARKS.md, 2026-11-30, v5p-8) it came out 17% short for the 1.1B of
+            # configs/gpt_1b.py (its LM head, outside the loop, is the fastest matmul) and
+            # 58% long for a 4-layer d=512 GPT. Rejected: compiling a loop-free copy (for
+            # models that can unroll themselves only; 2-5x the compile time; the 7.2B's
+            # loop-free step does not fit where the scanned one does) and pricing a body
+            # by a second compile with every scan unrolled twice (within 1% for the 1.1B,
+            # 2.2x long for the d=512 GPT: the unrolled scan's stacking gets priced too).
             scale = stats["flops_per_step"] / stats["flops"]
             stats["optimal_seconds_per_step"] = stats["optimal_seconds"] * scale
     return stats

@@ -239,8 +239,8 @@ def format_plan(plan: dict) -> str:
         if plan["loops"]:
             line += (
                 f" (TPU cost model; it priced each loop body once, "
-                f"{_seconds(estimate['step_time_s_loops_once'])}: loop trips added at its "
-                "seconds per FLOP)"
+                f"{_seconds(estimate['step_time_s_loops_once'])}: the other trips are added "
+                "at the program's average seconds per FLOP, an approximation)"
             )
         else:
             line += " (TPU cost model)"
