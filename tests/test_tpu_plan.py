@@ -4,16 +4,21 @@ libtpu (`jax[tpu]`, in the test extras on x86-64 Linux) compiles for a TPU slice
 CPU host; where it is not installed these tests are skipped.
 """
 
+import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
-from conftest import load_config
+from conftest import CONFIGS, REPO, load_config
 
 from jaxtrain import plan, topology
 
 pytest.importorskip("libtpu")
 pytestmark = pytest.mark.slow
 
+GPT = os.path.join(CONFIGS, "gpt_pysource.py")
 MESH = dict(data=1, fsdp=2, sequence=1, tensor=2)
 
 
@@ -125,3 +130,25 @@ def test_a_step_the_tpu_compiler_refuses_for_memory_is_reported_as_not_fitting()
     assert result["collectives"] is None and result["compiler_estimate"] is None
     text = plan.format_plan(result)
     assert "  does not fit: the compiler refused it: " in text and "collectives" not in text
+
+
+def test_cli_lays_out_a_mesh_that_splits_a_physical_axis():
+    # v5p-64 is 2x4x4 chips; a mesh of data 2 x fsdp 8 x tensor 2 splits a 4-chip axis,
+    # which jax.make_mesh refuses. `jaxtrain plan` starts as many CPU devices as chips (for
+    # a fallback), so the compile-only devices must not be taken for this process's own.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxtrain", "plan", f"--config={GPT}:smoke", "--topology=v5p-64"]
+        + ["--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.tensor=2"]
+        + ["--config.global_batch_size=64"]
+        + ["--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["source"] == "tpu-aot"
+    assert result["mesh"] == {"data": 2, "fsdp": 8, "sequence": 1, "tensor": 2}
