@@ -25,10 +25,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval_steps = 32  # eval batches per evaluation
     c.checkpoint_every_steps = 1_000
 
-    # Fully sharded data parallel over every chip: weights, gradients and Adam moments are
-    # split 32 ways on a v5p-64 and gathered layer by layer (see BENCHMARKS.md for the
-    # choices tried against the TPU compiler's estimate).
-    c.mesh = dict(data=1, fsdp=-1, sequence=1, tensor=1)
+    # Two data-parallel replicas, each fully sharded (FSDP) over 16 chips of a v5p-64:
+    # weights, gradients and Adam moments split 16 ways, gathered layer by layer. The TPU
+    # compiler estimates this 26% faster than FSDP over all 32 chips (its gathers span
+    # half the chips); BENCHMARKS.md has what was tried.
+    c.mesh = dict(data=2, fsdp=-1, sequence=1, tensor=1)
     c.rules = (
         # activations
         ("activation_batch", ("data", "fsdp")),  # examples split over every chip
@@ -70,7 +71,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         dropout_rate=0.0,  # none, as in Llama pretraining
         attention_impl="auto",  # "xla", "cudnn" (GPU, bf16) or "auto" (jax picks)
         scan_layers=True,  # one compiled block scanned 32 times: compile time flat in depth
-        remat="full",  # recompute each block's activations in the backward pass
+        # Keep only each block's input for the backward pass and recompute the rest: 25%
+        # more FLOPs, but save_dots needs more memory than a chip has at this batch.
+        remat="full",
     )
     c.optim.update(
         lr=3e-4,  # peak learning rate (Llama 2 7B's)
@@ -89,7 +92,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval_steps = 2
         c.checkpoint_every_steps = 2
         c.global_batch_size = 16
-        c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
+        c.mesh = dict(data=1, fsdp=-1, sequence=1, tensor=1)  # FSDP over any devices
         c.data.seq_len = 32
         c.model.update(
             vocab_size=256,  # bytes: the data's token ids must be below it
