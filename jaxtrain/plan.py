@@ -141,6 +141,11 @@ def make_plan(
             "step_time_s_loops_once": stats["optimal_seconds"],  # as the compiler reports
             "mfu": flops / (seconds * peak) if flops and peak else None,
         }
+    if "optimal_seconds_invalid" in stats:
+        notes.append(
+            "the TPU compiler gave no usable step-time estimate (optimal_seconds = "
+            f"{stats['optimal_seconds_invalid']:.3g})"
+        )
     if source == "cpu-simulated" and chip.platform != "cpu":
         notes.append(
             f"compiled by XLA:CPU on {topology.num_devices} simulated devices: temporaries "

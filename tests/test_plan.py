@@ -368,3 +368,31 @@ def test_flops_of_each_op_are_xla_cost_analysis_flops(function, shapes):
     counts = hlo.step_counts(compiled.as_text())
     assert counts.flops > 0 and counts.loops == 0
     assert counts.flops == pytest.approx(compiled.cost_analysis()["flops"], rel=1e-6)
+
+
+class _Compiled:
+    """What compiled_stats reads of a compiled step: its analyses and its HLO."""
+
+    def __init__(self, cost):
+        self._cost = cost
+
+    def cost_analysis(self):
+        return self._cost
+
+    def memory_analysis(self):
+        return None
+
+    def as_text(self):
+        return LOOPS_HLO
+
+
+def test_compiled_stats_add_the_loop_trips_to_xlas_flops_and_seconds():
+    counts = hlo.step_counts(LOOPS_HLO)
+    stats = hlo.compiled_stats(_Compiled({"flops": 4e6, "optimal_seconds": 2e-3}))
+    assert stats["flops_per_step"] == 4e6 + counts.flops - counts.flops_once > 4e6
+    # The missing trips are priced at the program's seconds per FLOP.
+    assert stats["optimal_seconds_per_step"] == pytest.approx(2e-3 * stats["flops_per_step"] / 4e6)
+    # A negative estimate (the TPU compiler gives some) is kept apart, not scaled.
+    stats = hlo.compiled_stats(_Compiled({"flops": 4e6, "optimal_seconds": -24.9}))
+    assert stats["optimal_seconds_invalid"] == -24.9
+    assert "optimal_seconds" not in stats and "optimal_seconds_per_step" not in stats
