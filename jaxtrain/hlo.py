@@ -61,13 +61,14 @@ def compiled_stats(compiled, counts: "StepCounts | None" = None) -> dict[str, fl
             # the trips it leaves out are priced at the program's own seconds per FLOP. That
             # is exact only when a loop body runs at the program's average rate. Against the
             # compiler's estimate for the same GPT built without a loop (scan_layers=False;
-            # BENCHMARKS.md, 2026-11-30, v5p-8) it came out 17% short for the 1.1B of
-            # configs/gpt_1b.py (its LM head, outside the loop, is the fastest matmul) and
-            # 58% long for a 4-layer d=512 GPT. Rejected: compiling a loop-free copy (for
-            # models that can unroll themselves only; 2-5x the compile time; the 7.2B's
-            # loop-free step does not fit where the scanned one does) and pricing a body
-            # by a second compile with every scan unrolled twice (within 1% for the 1.1B,
-            # 2.2x long for the d=512 GPT: the unrolled scan's stacking gets priced too).
+            # BENCHMARKS.md, 2026-11-30, v5p-8) it came out 12-17% short for the 1.1B of
+            # configs/gpt_1b.py (outside the loop, mostly its LM head, the program runs at
+            # 1.9x its layers' rate) and 58% long for a 4-layer d=512 GPT. Rejected:
+            # compiling a loop-free copy (only for models that can unroll themselves;
+            # 1.2-3.6x the 1.1B's compile time; the 7.2B's does not fit where the scanned
+            # one does) and pricing a body by a second compile with every scan unrolled
+            # twice (within 1% for the 1.1B, 2.2x long for the d=512 GPT: the unrolled
+            # scan's stacking gets priced too).
             scale = stats["flops_per_step"] / stats["flops"]
             stats["optimal_seconds_per_step"] = stats["optimal_seconds"] * scale
     return stats
