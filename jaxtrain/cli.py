@@ -52,7 +52,12 @@ commands:
 
 
 def _error(message: str, status: int = EXIT_BAD_INPUT) -> int:
-    print(f"jaxtrain: error: {' '.join(str(message).split())}", file=sys.stderr)
+    # One write call: Orbax's and tensorstore's threads may still be writing to stderr, and
+    # print() writes the text and its newline separately, so a line of theirs could land
+    # between them.
+    sys.stderr.flush()
+    sys.stderr.write(f"jaxtrain: error: {' '.join(str(message).split())}\n")
+    sys.stderr.flush()
     return status
 
 
@@ -406,10 +411,28 @@ COMMANDS = {
 _CONSOLE = False
 
 
+def _drop_closed_loop_noise(unraisable) -> None:
+    """sys.unraisablehook: drops tensorstore's late callbacks into Orbax's closed loop.
+
+    When a checkpoint write fails (a full disk), Orbax closes the event loop of the failed
+    save while tensorstore is still finishing the save's other writes; each of them then
+    reports `RuntimeError: Event loop is closed` as an unraisable exception, dozens of
+    tracebacks after the one line that says what happened. Nothing is lost by dropping
+    them: the failure itself is raised, reported and its checkpoint discarded. Anything
+    else goes to Python's own hook.
+    """
+    if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
+        "Event loop is closed"
+    ):
+        return
+    sys.__unraisablehook__(unraisable)
+
+
 def run() -> None:
     """Console-script entry point."""
     global _CONSOLE
     _CONSOLE = True
+    sys.unraisablehook = _drop_closed_loop_noise
     sys.exit(main(sys.argv))
 
 
