@@ -44,7 +44,19 @@ setuptools.setup(
         "flatbuffers>=24.3",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "portpicker>=1.6", "ruff>=0.6"],
+        "test": [
+            "pytest>=8.0",
+            "portpicker>=1.6",
+            "ruff>=0.6",
+            # The notebooks run in a real Jupyter kernel (tests/test_notebook.py).
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            # W&B logging is tested offline; `wandb leet inspect` reads its run log (0.31).
+            "wandb>=0.31",
+        ],
+        # Weights & Biases logging (config.logging.wandb), imported only when enabled.
+        "wandb": ["wandb>=0.19"],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },

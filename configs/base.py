@@ -70,4 +70,13 @@ def get_config() -> ml_collections.ConfigDict:
         # data, batch, seed, optimizer); False refuses with the differences.
         allow_config_changes=False,
     )
+    # Where metrics go besides the console, metrics.jsonl and TensorBoard (process 0 only).
+    c.logging = dict(
+        # Also log to Weights & Biases (pip install "jaxtrain[wandb]"); WANDB_MODE=offline
+        # keeps the run under DIR/wandb/ for `wandb sync`. A rerun continues the same run.
+        wandb=False,
+        wandb_project="",  # W&B project; "" = $WANDB_PROJECT, else W&B's default
+        wandb_entity="",  # W&B user or team; "" = $WANDB_ENTITY, else your default entity
+        wandb_name="",  # W&B run name; "" = $WANDB_NAME, else the workdir's name
+    )
     return c
