@@ -52,7 +52,15 @@ setuptools.setup(
             # (tests/test_tpu_plan.py). A 213 MB wheel, x86-64 Linux only; JAX_PLATFORMS=cpu
             # keeps every other test on the CPU.
             "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
+            # The notebooks run in a real Jupyter kernel (tests/test_notebook.py).
+            "nbclient>=0.10",
+            "nbformat>=5.10",
+            "ipykernel>=6.29",
+            # W&B logging is tested offline; `wandb leet inspect` reads its run log (0.31).
+            "wandb>=0.31",
         ],
+        # Weights & Biases logging (config.logging.wandb), imported only when enabled.
+        "wandb": ["wandb>=0.19"],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },

@@ -19,27 +19,34 @@ def get_config() -> ml_collections.ConfigDict:
     c.task = ""
     c.seed = 0  # parameter init, and the keys each step's rngs are drawn from
     c.global_batch_size = 32  # examples per step, all devices and processes together
-    c.num_train_steps = 100
-    c.log_every_steps = 10
-    c.eval_every_steps = 100
+    c.num_train_steps = 100  # the step the run ends at (a resumed run counts from its checkpoint)
+    c.log_every_steps = 10  # log train metrics every N steps, and at the last step
+    c.eval_every_steps = 100  # evaluate every N steps, and at the last step
     c.eval_steps = -1  # eval batches per evaluation, spread over the split; -1 = all of it
-    c.checkpoint_every_steps = 100
+    c.checkpoint_every_steps = 100  # save every N steps, and at the last step
     # Gradient accumulation: each global batch runs as this many sequential parts (same
     # update, 1/microbatches of the activation memory).
     c.microbatches = 1
 
-    # Mesh axis sizes; -1 takes the devices left over. Order: data, fsdp, sequence, tensor.
-    c.mesh = dict(data=-1, fsdp=1, sequence=1, tensor=1)
+    # Mesh axis sizes, whose product is the device count; -1 takes the devices left over.
+    # Order: data, fsdp, sequence, tensor (innermost, so its collectives stay between
+    # neighbouring devices).
+    c.mesh = dict(
+        data=-1,  # data parallel: the batch splits over it; weights are copied
+        fsdp=1,  # fully sharded data parallel: the batch and (by the rules) weights split
+        sequence=1,  # sequence parallel: activations split along the sequence (by the rules)
+        tensor=1,  # tensor parallel: heads, MLP and vocabulary dimensions (by the rules)
+    )
     # Logical axis -> mesh axes. Changing parallelism is an edit here, not in the model.
     # "activation_batch" splits every input batch's leading (example) dimension.
     c.rules = (("activation_batch", ("data", "fsdp")),)
 
-    c.data = dict(
+    c.data = dict(  # the examples: a bundled config names its data set here
         seed=0,  # shuffle order
         prefetch=2,  # batches made ready on device ahead of the step
     )
     c.model = dict()  # the model's fields, read by the task (see the bundled configs)
-    c.optim = dict(
+    c.optim = dict(  # AdamW with warmup and cosine decay, global-norm clipping
         lr=1e-3,  # peak learning rate, after warmup
         min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio
         warmup_steps=0,  # linear warmup from 0 to lr
@@ -53,10 +60,15 @@ def get_config() -> ml_collections.ConfigDict:
     # "abort" stops with a report (step, loss, first bad gradient) and the batch saved in
     # the workdir; "skip" goes on (aborting after max_consecutive_skips in a row);
     # "rollback" restores the last checkpoint and goes on past the offending batches.
-    c.nonfinite = dict(policy="abort", max_consecutive_skips=10)
-    # "auto": bfloat16 compute on GPU/TPU, float32 on CPU; parameters stay float32.
-    c.precision = dict(compute_dtype="auto", param_dtype="float32")
-    c.checkpoint = dict(
+    c.nonfinite = dict(
+        policy="abort",  # "abort", "skip" or "rollback" (above)
+        max_consecutive_skips=10,  # under "skip": abort after this many bad steps in a row
+    )
+    c.precision = dict(  # the loss and logits are float32 whatever these say
+        compute_dtype="auto",  # "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32", "bfloat16"
+        param_dtype="float32",  # "float32" or "bfloat16": what parameters are stored in
+    )
+    c.checkpoint = dict(  # Orbax checkpoints in DIR/checkpoints/<step>
         keep_latest=3,  # the newest N steps are kept (>= 1: a rerun resumes from the newest)
         keep_best=0,  # also keep the K best evaluated steps by best_metric; 0 = off
         best_metric="loss",  # the eval metric that ranks steps for keep_best
@@ -69,5 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
         # Resume although the config changed fields that change what the run means (model,
         # data, batch, seed, optimizer); False refuses with the differences.
         allow_config_changes=False,
+    )
+    # Where metrics go besides the console, metrics.jsonl and TensorBoard (process 0 only).
+    c.logging = dict(
+        # Also log to Weights & Biases (pip install "jaxtrain[wandb]"); WANDB_MODE=offline
+        # keeps the run under DIR/wandb/ for `wandb sync`. A rerun continues the same run.
+        wandb=False,
+        wandb_project="",  # W&B project; "" = $WANDB_PROJECT, else W&B's default
+        wandb_entity="",  # W&B user or team; "" = $WANDB_ENTITY, else your default entity
+        wandb_name="",  # W&B run name; "" = $WANDB_NAME, else the workdir's name
     )
     return c

@@ -31,18 +31,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(
         name="digits",  # bundled: digits; or any TFDS catalog image data set
         data_dir="",  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
-        train_split="train",
-        eval_split="test",
+        train_split="train",  # the split training reads
+        eval_split="test",  # the split evaluation reads (`jaxtrain eval --split`)
         image_key="image",  # the record field holding the uint8 image
         label_key="label",  # the record field holding the integer class
     )
     c.model = dict(
         name="cnn",  # the bundled CNN, or "package.module:Class" taking these fields
-        num_classes=10,
+        num_classes=10,  # outputs of the classifier head
         image_shape=(8, 8, 1),  # height, width, channels of one image
         features=(32, 64),  # channels of each conv + pool stage
-        hidden_dim=128,
-        dropout_rate=0.1,
+        hidden_dim=128,  # width of the dense layer after the convolutions
+        dropout_rate=0.1,  # dropout on that layer's output, in training
     )
     c.optim.update(lr=3e-3, min_lr_ratio=0.01, warmup_steps=50, weight_decay=1e-4)
 

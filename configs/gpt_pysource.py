@@ -45,22 +45,22 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.update(
         name="pysource",  # bundled: pysource; or a TFDS catalog text data set
         data_dir="",  # TFDS data_dir; "" = TFDS default (~/tensorflow_datasets)
-        train_split="train",
-        eval_split="validation",
+        train_split="train",  # the split training reads
+        eval_split="validation",  # the split evaluation reads (`jaxtrain eval --split`)
         text_key="text",  # the record field holding the text (bytes are the tokens)
         seq_len=128,  # tokens per training sequence
     )
     c.model = dict(
         name="gpt",  # the bundled GPT, or "package.module:Class" taking these fields
         vocab_size=256,  # bytes
-        num_layers=4,
-        embed_dim=128,
-        num_heads=4,
+        num_layers=4,  # transformer blocks
+        embed_dim=128,  # width of the residual stream
+        num_heads=4,  # query heads per attention layer
         num_kv_heads=4,  # < num_heads for grouped-query attention
-        head_dim=32,
+        head_dim=32,  # width of each attention head
         mlp_dim=384,  # hidden width of the gated MLP
         rope_base=10_000.0,  # RoPE's wavelength base
-        dropout_rate=0.0,
+        dropout_rate=0.0,  # dropout on each block's attention and MLP outputs, in training
         attention_impl="auto",  # "xla", "cudnn" (GPU, bf16) or "auto" (jax picks)
         scan_layers=False,  # stack the blocks' weights and scan: compile time flat in depth
         remat="none",  # recompute in backward: "none", "full" or "save_dots"

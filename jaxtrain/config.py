@@ -98,7 +98,7 @@ def validate(config) -> None:
     Raises:
       ConfigError: the first bad field, named, with why.
     """
-    from jaxtrain import checkpoint, nonfinite, precision
+    from jaxtrain import checkpoint, nonfinite, precision, tracking
 
     for key in _POSITIVE:
         _check(_is_int(config[key]) and config[key] > 0, key, config[key], "a positive integer")
@@ -133,3 +133,4 @@ def validate(config) -> None:
         precision.resolve_dtype(config.precision[key], "cpu")
     checkpoint.check_config(config.checkpoint)
     nonfinite.check_config(config.nonfinite)
+    tracking.check_config(config.logging)

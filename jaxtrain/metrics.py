@@ -1,4 +1,4 @@
-"""Metric writers: the console, `metrics.jsonl` and TensorBoard; and step timing.
+"""Metric writers: the console, `metrics.jsonl`, TensorBoard and W&B; and step timing.
 
 Only process 0 writes; every other process gets a writer that does nothing. Losing where
 metrics go never stops training: a console that went away (`| head`) is dropped
@@ -16,6 +16,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
+from jaxtrain import tracking
 from jaxtrain.errors import StorageError
 
 _console_lost = False
@@ -60,7 +61,7 @@ _ORDER = (
 
 
 class MetricWriter:
-    """Writes scalars to the console, `workdir/metrics.jsonl` and TensorBoard.
+    """Writes scalars to the console, `workdir/metrics.jsonl`, TensorBoard and W&B.
 
     Args:
       workdir: the run directory.
@@ -68,11 +69,16 @@ class MetricWriter:
       start_step: the step the run starts from (the restored step, 0 for a new run).
         Lines a killed run logged after it are dropped first, so that `metrics.jsonl`
         holds each step once.
+      config: the run's resolved config as a nested dict: recorded as TensorBoard
+        hyperparameters, and, with `config["logging"]["wandb"]`, every record also goes
+        to a W&B run (see `jaxtrain.tracking`). None: neither.
     """
 
-    def __init__(self, workdir: str, *, total_steps: int, start_step: int):
+    def __init__(
+        self, workdir: str, *, total_steps: int, start_step: int, config: dict | None = None
+    ):
         self.enabled = jax.process_index() == 0
-        self._jsonl = self._tensorboard = None
+        self._jsonl = self._tensorboard = self._wandb = None
         self._path = os.path.join(workdir, "metrics.jsonl")
         # A bar only on a terminal; logs and CI get plain lines.
         self._bar = tqdm(
@@ -88,6 +94,10 @@ class MetricWriter:
             _truncate_jsonl(self._path, start_step)
             self._jsonl = open(self._path, "a", encoding="utf-8")
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            if config is not None:
+                tracking.write_hparams(self._tensorboard, config)
+                if config.get("logging", {}).get("wandb"):
+                    self._wandb = tracking.WandbRun(workdir, config)
 
     def advance(self, steps: int = 1) -> None:
         """Moves the progress bar."""
@@ -116,12 +126,17 @@ class MetricWriter:
                     step,
                 )
                 self._close_files()
+        if self._wandb is not None:
+            self._wandb.log(step, split, scalars)
         shown = " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items())
         console(f"step {step:>6} {split:>5} | {shown}")
 
     def close(self) -> None:
         self._bar.close()
         self._close_files()
+        wandb_run, self._wandb = self._wandb, None
+        if wandb_run is not None:
+            wandb_run.close()
 
     def _close_files(self) -> None:
         files, self._jsonl, self._tensorboard = (self._jsonl, self._tensorboard), None, None

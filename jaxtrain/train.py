@@ -123,7 +123,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
 
         # --- The loop ---------------------------------------------------------------------
         writer = metrics.MetricWriter(
-            workdir, total_steps=config.num_train_steps, start_step=start_step
+            workdir, total_steps=config.num_train_steps, start_step=start_step, config=config_dict
         )
         run.push(_closer(writer.close))
         batches = data.DevicePrefetcher(train_iter, batch_shardings, size=config.data.prefetch)

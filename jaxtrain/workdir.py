@@ -18,7 +18,8 @@ from jaxtrain.errors import ConfigError, StorageError
 LOCK_FILE = ".jaxtrain.lock"
 
 # Config fields a resumed run may change on purpose: how long it runs, what it logs and
-# keeps, where it runs (mesh, rules, precision, microbatches: the same math elsewhere).
+# keeps and where to (logging), where it runs (mesh, rules, precision, microbatches: the
+# same math elsewhere).
 # Any other change (model, data, batch, seed, optimizer, task) makes a different run.
 CHANGEABLE = (
     "num_train_steps",
@@ -28,6 +29,7 @@ CHANGEABLE = (
     "checkpoint_every_steps",
     "checkpoint",
     "nonfinite",
+    "logging",
     "mesh",
     "rules",
     "microbatches",

@@ -3,7 +3,10 @@
 import atexit
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import zipfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
@@ -28,6 +31,35 @@ CONFIGS = os.path.join(REPO, "configs")
 def data_dir():
     """One TFDS data_dir for the session, so each bundled data set is built once."""
     return _DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def wheel_install(tmp_path_factory):
+    """jaxtrain as `pip install .` makes it: a wheel built from the checkout, installed
+    without its dependencies (this environment has them) into a directory of its own.
+
+    Returns:
+      (the directory, to put on PYTHONPATH; the file names the wheel holds).
+    """
+    root = tmp_path_factory.mktemp("wheel")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root), REPO],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    [wheel] = [f for f in os.listdir(root) if f.endswith(".whl")]
+    with zipfile.ZipFile(root / wheel) as archive:
+        names = archive.namelist()
+    site = root / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site)]
+        + [str(root / wheel)],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
+    return site, names
 
 
 @pytest.fixture(scope="session", autouse=True)

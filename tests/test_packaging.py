@@ -1,16 +1,15 @@
 """What works from an editable install works from `pip install .` too (as in Colab).
 
 The package is built as a wheel and installed (without its dependencies, which this
-environment has) into a directory of its own, then used from outside the checkout.
+environment has) into a directory of its own (`wheel_install` in conftest.py, shared with
+the notebook tests), then used from outside the checkout.
 """
 
 import os
 import subprocess
 import sys
-import zipfile
 
 import pytest
-from conftest import REPO
 
 USE = """
 import jaxtrain, sys
@@ -22,29 +21,6 @@ print("configs", " ".join(jaxtrain.config.bundled_configs()))
 """
 
 
-@pytest.fixture(scope="module")
-def installed(tmp_path_factory):
-    root = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(root), REPO],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    [wheel] = [f for f in os.listdir(root) if f.endswith(".whl")]
-    with zipfile.ZipFile(root / wheel) as archive:
-        names = archive.namelist()
-    site = root / "site"
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site)]
-        + [str(root / wheel)],
-        check=True,
-        capture_output=True,
-        timeout=600,
-    )
-    return site, names
-
-
 def _run(site, *args, cwd):
     env = {**os.environ, "PYTHONPATH": str(site)}
     env.pop("XLA_FLAGS", None)
@@ -54,15 +30,15 @@ def _run(site, *args, cwd):
 
 
 @pytest.mark.slow
-def test_wheel_carries_the_bundled_configs(installed):
-    _, names = installed
+def test_wheel_carries_the_bundled_configs(wheel_install):
+    _, names = wheel_install
     for name in ("base.py", "gpt_pysource.py", "digits_cnn.py"):
         assert f"jaxtrain/configs/{name}" in names
 
 
 @pytest.mark.slow
-def test_bundled_configs_load_by_name_from_a_wheel_install(installed, tmp_path):
-    site, _ = installed
+def test_bundled_configs_load_by_name_from_a_wheel_install(wheel_install, tmp_path):
+    site, _ = wheel_install
     proc = _run(site, "-c", USE, str(site), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "configs digits_cnn.py gpt_1b.py gpt_8b.py gpt_pysource.py" in proc.stdout
