@@ -94,7 +94,6 @@ def reference(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.slow
 def test_killed_and_resumed_bitwise(reference, tmp_path):
     proc = subprocess.Popen(
         _command(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=_env()

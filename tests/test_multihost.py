@@ -237,7 +237,6 @@ def _flat(tree) -> dict[str, np.ndarray]:
     return {path_str(path): np.asarray(leaf) for path, leaf in leaves}
 
 
-@pytest.mark.slow
 def test_two_processes_train_like_one_with_eight_devices(tmp_path, data_dir):
     # Reference: this process, 8 devices, the same mesh and data.
     config = load_config("gpt_pysource", "smoke", data_dir, **SHORT_RUN)

@@ -73,7 +73,6 @@ def _installed_here(notebook, site):
     assert location and location.group(1).startswith(str(site)), location  # the wheel
 
 
-@pytest.mark.slow
 def test_quickstart_notebook_runs_from_a_wheel_install(wheel_install, data_dir, tmp_path):
     site, _ = wheel_install
     notebook = _execute("quickstart", site, data_dir, tmp_path)
@@ -112,7 +111,6 @@ def test_quickstart_notebook_runs_from_a_wheel_install(wheel_install, data_dir, 
     )
 
 
-@pytest.mark.slow
 def test_custom_model_notebook_trains_on_one_device_then_a_2x2x2_mesh(
     wheel_install, data_dir, tmp_path
 ):

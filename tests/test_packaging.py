@@ -36,7 +36,6 @@ def test_wheel_carries_the_bundled_configs(wheel_install):
         assert f"jaxtrain/configs/{name}" in names
 
 
-@pytest.mark.slow
 def test_bundled_configs_load_by_name_from_a_wheel_install(wheel_install, tmp_path):
     site, _ = wheel_install
     proc = _run(site, "-c", USE, str(site), cwd=tmp_path)

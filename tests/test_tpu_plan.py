@@ -16,7 +16,6 @@ from conftest import CONFIGS, REPO, load_config
 from jaxtrain import plan, topology
 
 pytest.importorskip("libtpu")
-pytestmark = pytest.mark.slow
 
 GPT = os.path.join(CONFIGS, "gpt_pysource.py")
 MESH = dict(data=1, fsdp=2, sequence=1, tensor=2)

@@ -109,7 +109,6 @@ def _history(records) -> dict[int, dict]:
     return {r["history"]["step"]["num"]: r["history"]["item"] for r in records if "history" in r}
 
 
-@pytest.mark.slow
 def test_wandb_offline_run_holds_the_scalars_and_a_rerun_continues_it(
     tmp_path, data_dir, monkeypatch
 ):
