@@ -13,6 +13,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Mapping
 
 import grain
@@ -47,7 +48,8 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
         close = difflib.get_close_matches(name, known, n=1)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown data set {name!r}{hint}: neither bundled {BUNDLED} nor in the TFDS catalog"
+            f"unknown data set {name!r}{hint}: neither bundled {BUNDLED}, nor 'synthetic' "
+            "(random examples, for timing), nor in the TFDS catalog"
         ) from None
 
 
@@ -291,7 +293,8 @@ class DevicePrefetcher:
     Wraps an iterator of per-process numpy batches. `state` is the wrapped iterator's
     state right after the last batch *handed out* (not the last one read ahead), so a
     checkpoint that stores it resumes with exactly the next batch; `local` is that
-    batch's numpy arrays (this process's rows).
+    batch's numpy arrays (this process's rows). `wait_seconds` is the time callers have
+    spent blocked in `next()` waiting for a batch, in all: input the step waited for.
 
     Args:
       iterator: a grain iterator of this process's batches.
@@ -306,6 +309,7 @@ class DevicePrefetcher:
         self._stop = threading.Event()
         self.state = iterator.get_state()
         self.local = None
+        self.wait_seconds = 0.0
         self._thread = threading.Thread(target=self._fill, name="jaxtrain-prefetch", daemon=True)
         self._thread.start()
 
@@ -333,7 +337,9 @@ class DevicePrefetcher:
         return self
 
     def __next__(self):
+        start = time.perf_counter()
         item = self._queue.get()
+        self.wait_seconds += time.perf_counter() - start
         if item is _END:
             raise StopIteration
         if isinstance(item, BaseException):
