@@ -43,6 +43,11 @@ def check_config(energy_config) -> None:
 class EnergyMeter:
     """Measures (or estimates) energy from its creation to `stop`.
 
+    codecarbon starts measuring when `track` is called (the training loop's start): its
+    hardware probe takes about a second and a third of a second of CPU, which would
+    otherwise delay the start-up it runs beside. The seconds before are counted at the
+    average power it then measures.
+
     Args:
       energy_config: `config.energy` (device_watts, grid_kg_co2e_per_kwh).
       devices: the devices the run computes on (all processes').
@@ -55,14 +60,16 @@ class EnergyMeter:
         self._start = time.monotonic()
         self._tracker = None
         self._started = None
+
+    def track(self) -> None:
+        """Starts codecarbon, in the background, where it applies (see the module doc)."""
         platform = self._devices[0].platform
         if (
-            not energy_config.device_watts
+            self._started is None
+            and not self._config.device_watts
             and platform in ("cpu", "gpu")
             and jax.process_count() == 1
         ):
-            # codecarbon's start probes the hardware for about a second, mostly waiting:
-            # in the background, so the run's start-up does not wait for it.
             self._started = threading.Thread(
                 target=self._start_tracker, name="jaxtrain-energy", daemon=True
             )
@@ -93,14 +100,14 @@ class EnergyMeter:
         """Ends the measurement; returns this run's record (see the module docstring)."""
         seconds = time.monotonic() - self._start
         record = {"seconds": round(seconds, 3)}
-        record.update(self._measured() or self._from_table(seconds))
+        record.update(self._measured(seconds) or self._from_table(seconds))
         kwh = record.get("energy_kwh")
         intensity = float(self._config.grid_kg_co2e_per_kwh)
         record["grid_kg_co2e_per_kwh"] = intensity
         record["emissions_kg_co2e"] = None if kwh is None else kwh * intensity
         return record
 
-    def _measured(self) -> dict | None:
+    def _measured(self, seconds: float) -> dict | None:
         if self._started is not None:
             self._started.join(timeout=30)
         if self._tracker is None:
@@ -113,13 +120,16 @@ class EnergyMeter:
             return None
         import codecarbon
 
+        # The seconds before codecarbon started (start-up) at the power it measured.
+        scale = seconds / data.duration if data.duration > 0 else 1.0
         return {
-            "method": f"codecarbon {codecarbon.__version__}, offline, this process's share",
-            "energy_kwh": float(data.energy_consumed),
+            "method": f"codecarbon {codecarbon.__version__}, offline, this process's share; "
+            f"{seconds - data.duration:.1f} s of start-up at the measured average power",
+            "energy_kwh": float(data.energy_consumed) * scale,
             "parts_kwh": {
-                "cpu": float(data.cpu_energy),
-                "gpu": float(data.gpu_energy),
-                "ram": float(data.ram_energy),
+                "cpu": float(data.cpu_energy) * scale,
+                "gpu": float(data.gpu_energy) * scale,
+                "ram": float(data.ram_energy) * scale,
             },
             "hardware": {"cpu": data.cpu_model, "gpu": data.gpu_model},
         }

@@ -125,6 +125,10 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             train_iter.set_state(data_state)
         start_step = int(state.step)
 
+        # Batches are made ahead from here on, while the step compiles.
+        batches = data.DevicePrefetcher(train_iter, batch_shardings, size=config.data.prefetch)
+        run.push(_closer(batches.close))
+
         # --- One compiled train step; its memory and FLOPs known before step 1 ------------
         compile_start = time.perf_counter()
         train_step = steps.compile_train_step(
@@ -157,8 +161,6 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             workdir, total_steps=config.num_train_steps, start_step=start_step
         )
         run.push(_closer(writer.close))
-        batches = data.DevicePrefetcher(train_iter, batch_shardings, size=config.data.prefetch)
-        run.push(_closer(batches.close))
         guard = nonfinite.NonFinitePolicy(config.nonfinite, workdir, ckpt, layout.abstract_state)
         reporter = StepReporter(config, task, writer, guard, flops[0], start_step, batches)
         reporter.log_once({"compile_time_s": compile_s})
@@ -166,6 +168,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
         run.push(_closer(tracer.stop))
         result: dict[str, float] = {}
         late = None  # (step, metrics on device, local batch) the host has not read yet
+        meter.track()
         stop.start_loop()
         for step in range(start_step + 1, config.num_train_steps + 1):
             with tracer.step(step):  # annotated for profiles; traced as config.profile says
