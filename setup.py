@@ -49,7 +49,15 @@ setuptools.setup(
         "filelock>=3.12",
     ],
     extras_require={
-        "test": ["pytest>=8.0", "portpicker>=1.6", "ruff>=0.6"],
+        "test": [
+            "pytest>=8.0",
+            "portpicker>=1.6",
+            "ruff>=0.6",
+            # libtpu: `jaxtrain plan` compiles with the real TPU compiler on this CPU host
+            # (tests/test_tpu_plan.py). A 213 MB wheel, x86-64 Linux only; JAX_PLATFORMS=cpu
+            # keeps every other test on the CPU.
+            "jax[tpu]>=0.10.2; sys_platform == 'linux' and platform_machine == 'x86_64'",
+        ],
         "gpu": ["jax[cuda13]>=0.10.2"],
         "tpu": ["jax[tpu]>=0.10.2"],
     },

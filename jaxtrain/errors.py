@@ -10,6 +10,8 @@
 130 interrupted (Ctrl-C): as 75, but a person asked, so retry wrappers should not
 """
 
+import difflib
+
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
 EXIT_IO = 74  # EX_IOERR (sysexits.h)
@@ -30,3 +32,9 @@ class StorageError(RuntimeError):
 
     The message names the path and the cause; the newest whole checkpoint is intact.
     """
+
+
+def did_you_mean(name: str, choices) -> str:
+    """` (did you mean 'x'?)` for the closest of `choices` to a mistyped `name`, or ""."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -140,8 +140,9 @@ def make_mesh(mesh_config, devices: Sequence[jax.Device] | None = None) -> Mesh:
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(mesh_config, len(devices))
     axis_types = (AxisType.Auto,) * len(shape)
-    if len(devices) == jax.device_count():
-        # make_mesh picks a topology-aware device order on TPU/GPU.
+    if devices == jax.devices():
+        # All of them: make_mesh picks a topology-aware device order on TPU/GPU. (Others,
+        # such as libtpu's compile-only devices for `jaxtrain plan`, are taken as ordered.)
         return jax.make_mesh(
             tuple(shape.values()), tuple(shape), axis_types=axis_types, devices=devices
         )

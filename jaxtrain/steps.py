@@ -310,12 +310,12 @@ def eval_means(totals) -> dict[str, float]:
 
 
 def flops_per_device_step(flops_per_example, layout: StateLayout, global_batch_size, stats):
-    """(FLOPs per device per step, "model" or "XLA") for MFU and step-time bounds.
+    """(FLOPs per device per step, "model" or "XLA"): the numerator of MFU.
 
     Model FLOPs when the task gives them (a number, or a function of all the model's
     parameters as ShapeDtypeStructs); otherwise XLA's count of the compiled step (`stats`
-    from `jaxtrain.hlo.compiled_stats`), which includes remat recompute and counts a loop
-    body (a scan over layers) only once.
+    from `jaxtrain.hlo.compiled_stats`) with every loop trip counted (a scanned layer once
+    per layer), which includes remat recompute.
     """
     num_devices = layout.mesh.devices.size
     if callable(flops_per_example):
@@ -323,6 +323,6 @@ def flops_per_device_step(flops_per_example, layout: StateLayout, global_batch_s
         flops_per_example = flops_per_example(nnx.to_pure_dict(nnx.state(abstract, nnx.Param)))
     if flops_per_example is not None:
         return flops_per_example * global_batch_size / num_devices, "model"
-    if "flops" in stats:
-        return stats["flops"], "XLA"
+    if "flops_per_step" in stats:
+        return stats["flops_per_step"], "XLA"
     return None, None

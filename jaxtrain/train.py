@@ -309,12 +309,19 @@ def _describe_run(config, task, layout, abstract_batch, stats, flops, start_step
         f"global batch {config.global_batch_size} {shapes} | steps {start_step} -> "
         f"{config.num_train_steps}" + (f" (resumed at {start_step})" if start_step else ""),
     ]
+    # Both counts, labelled; MFU divides the first (model FLOPs when the task gives them).
     flops_per_device, source = flops
-    if flops_per_device:
-        xla = f" (XLA counts {metrics.human(stats['flops'])})" if source == "model" else ""
-        lines.append(
-            f"train step: {metrics.human(flops_per_device)}FLOP per device, {source} FLOPs{xla}"
+    counted = []
+    if source == "model":
+        counted.append(f"{metrics.human(flops_per_device)} model (MFU's numerator)")
+    if "flops_per_step" in stats:
+        numerator = "; MFU's numerator" if source == "XLA" else ""
+        counted.append(
+            f"{metrics.human(stats['flops_per_step'])} XLA (compiled step, every loop trip "
+            f"counted{numerator})"
         )
+    if counted:
+        lines.append(f"train step FLOPs per device: {' | '.join(counted)}")
     if "temp_size_in_bytes" in stats:
         lines.append(
             "train step memory per device: "

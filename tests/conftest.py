@@ -134,3 +134,24 @@ def train_gpt_smoke(data_dir, workdir, mesh, devices=None, steps=5, **overrides)
     state, result = train_and_evaluate(config, str(workdir), devices=devices)
     losses = [r["loss"] for _, r in sorted(read_metrics(workdir).items())]
     return state, result, losses
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 24 MiB tmpfs mount point, which the test may resize (`mount -o remount,size=`)."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    try:
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
+            check=True,
+            capture_output=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("needs permission to mount a tmpfs (root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

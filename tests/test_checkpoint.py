@@ -337,25 +337,6 @@ def test_checkpoint_path_that_is_a_file_is_a_clear_error(tmp_path):
     assert (tmp_path / "checkpoints").read_text() == "not a directory"
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A tmpfs mount point, which the test may resize."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    try:
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount)],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("needs permission to mount a tmpfs (root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-
-
 def _remount(mount, options):
     subprocess.run(["mount", "-o", f"remount,{options}", str(mount)], check=True)
 

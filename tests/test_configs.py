@@ -21,16 +21,21 @@ CONFIG_NAMES = sorted(
 
 
 def test_configs_exist():
-    assert {"digits_cnn", "gpt_pysource"} <= set(CONFIG_NAMES)
+    assert {"digits_cnn", "gpt_pysource", "gpt_1b", "gpt_8b"} <= set(CONFIG_NAMES)
 
 
 @pytest.mark.parametrize("name", CONFIG_NAMES)
-def test_config_loads_and_smoke_variant_trains_two_steps(name, data_dir, tmp_path):
+def test_config_loads_and_smoke_variant_trains_two_steps(name, data_dir, tmp_path, capsys):
     full = load_config_file(os.path.join(CONFIGS, f"{name}.py"))
     assert full.num_train_steps > 0 and full.task
     config = load_config(name, "smoke", data_dir=data_dir, num_train_steps=2)
     state, result = train_and_evaluate(config, str(tmp_path))
     assert int(state.step) == 2
+    # Before step 1: the step's FLOPs, XLA's count and (for LMs) the model's, labelled.
+    [flops] = [line for line in capsys.readouterr().out.splitlines() if "FLOPs" in line]
+    assert flops.startswith("train step FLOPs per device: ")
+    assert "XLA (compiled step, every loop trip counted" in flops
+    assert ("model (MFU's numerator)" in flops) == (config.task == "lm")
     assert jnp.isfinite(result["loss"]) and jnp.isfinite(result["train_loss"])
     assert (tmp_path / "checkpoints" / "2").is_dir()
 

@@ -65,7 +65,7 @@ def test_bundled_configs_load_by_name_from_a_wheel_install(installed, tmp_path):
     site, _ = installed
     proc = _run(site, "-c", USE, str(site), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "configs digits_cnn.py gpt_pysource.py" in proc.stdout
+    assert "configs digits_cnn.py gpt_1b.py gpt_8b.py gpt_pysource.py" in proc.stdout
     # The command line too: train the smoke config, named, not by path.
     proc = _run(
         site,

@@ -1,6 +1,7 @@
 """`jaxtrain plan`: the train step compiled for a named topology, sized before it runs."""
 
 import collections
+import importlib.util
 import json
 import os
 import re
@@ -204,7 +205,8 @@ ENTRY %main (x: f32[8]) -> f32[8] {
 
 
 def test_cli_json_for_a_topology_larger_than_this_process(tmp_path):
-    # v5p-64 is 32 chips: more than this process's 8 CPU devices, so a fresh process.
+    # h100x8x4 is 32 GPUs: more than this process's 8 CPU devices, so a fresh process; no
+    # GPU compiler runs without a GPU, so it is simulated on 32 CPU devices.
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)  # conftest forces 8 devices; the plan must choose its own
     proc = subprocess.run(
@@ -214,7 +216,7 @@ def test_cli_json_for_a_topology_larger_than_this_process(tmp_path):
             "jaxtrain",
             "plan",
             f"--config={GPT}:smoke",
-            "--topology=v5p-64",
+            "--topology=h100x8x4",
             "--config.global_batch_size=64",
             "--config.mesh.fsdp=4",
             "--json",
@@ -228,8 +230,169 @@ def test_cli_json_for_a_topology_larger_than_this_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout)
     assert result["num_devices"] == 32 and result["source"] == "cpu-simulated"
+    assert result["num_hosts"] == 4
     assert result["mesh"] == {"data": 8, "fsdp": 4, "sequence": 1, "tensor": 1}
-    assert result["compute_dtype"] == "bfloat16"  # "auto" resolved for TPU, not for the CPU
-    assert result["memory"]["fits"] is True and result["memory"]["capacity"] == 95 * 2**30
-    assert result["step_time_s"]["mfu_100"] == pytest.approx(result["flops_per_device"] / 459e12)
+    assert result["compute_dtype"] == "bfloat16"  # "auto" resolved for GPU, not for the CPU
+    assert result["memory"]["fits"] is True and result["memory"]["capacity"] == 80 * 10**9
+    assert result["step_time_s"]["mfu_100"] == pytest.approx(result["flops_per_device"] / 989e12)
+    assert result["compiler_estimate"] is None  # only the TPU compiler gives one
     assert result["collectives"]["all-gather"]["count"] > 0
+
+
+def test_tpu_target_without_libtpu_is_simulated_with_a_note(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "libtpu" else real_find_spec(name, *args),
+    )
+    result = plan.make_plan(_gpt(FSDP_TENSOR), "v5p-16")  # 8 chips: this process's 8 CPUs
+    assert result["source"] == "cpu-simulated" and result["compiler_estimate"] is None
+    assert any("libtpu is not installed" in note for note in result["notes"])
+    assert "compiled for simulated CPU devices" in plan.format_plan(result).splitlines()[0]
+
+
+# A TPU-style loop (the TPU compiler writes no known_trip_count): a counter that starts at
+# a constant (through a copy), steps by 2 and stops at 6, so 3 trips; a loop whose limit is
+# not a constant; a cuBLAS gemm and a cuDNN attention kernel.
+LOOPS_HLO = """HloModule jit_step
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  ROOT %sum = f32[] add(f32[] %a, f32[] %b)
+}
+
+%cond (p: (s32[], f32[64,128])) -> pred[] {
+  %p = (s32[], f32[64,128]{1,0}) parameter(0)
+  %limit = s32[]{:T(128)} constant(6)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%limit, %i), direction=GT
+}
+
+%body (p: (s32[], f32[64,128])) -> (s32[], f32[64,128]) {
+  %p = (s32[], f32[64,128]{1,0}) parameter(0)
+  %i = s32[]{:T(128)} get-tuple-element(%p), index=0
+  %step = s32[]{:T(128)} constant(2)
+  %next = s32[]{:T(128)} add(%i, %step)
+  %x = f32[64,128]{1,0} get-tuple-element(%p), index=1
+  %w = f32[128,128]{1,0} constant({...})
+  %y = f32[64,128]{1,0} dot(%x, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %ar = f32[64,128]{1,0} all-reduce(%y), to_apply=%add
+  ROOT %t = (s32[]{:T(128)}, f32[64,128]{1,0}) tuple(%next, %ar)
+}
+
+%cond2 (p: (s32[], s32[])) -> pred[] {
+  %p = (s32[], s32[]) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %n = s32[] get-tuple-element(%p), index=1
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+%body2 (p: (s32[], s32[])) -> (s32[], s32[]) {
+  %p = (s32[], s32[]) parameter(0)
+  %ag = f32[64]{0} all-gather(f32[8]{0} %z), dimensions={0}
+  ROOT %t = (s32[], s32[]) tuple(%i, %n)
+}
+
+ENTRY %main (x: f32[64,128], n: s32[]) -> f32[64,128] {
+  %x = f32[64,128]{1,0} parameter(0)
+  %n = s32[] parameter(1)
+  %zero = s32[]{:T(128)} constant(0)
+  %start = s32[]{:T(128)} copy(%zero)
+  %init = (s32[]{:T(128)}, f32[64,128]{1,0}) tuple(%start, %x)
+  %loop = (s32[]{:T(128)}, f32[64,128]{1,0}) while(%init), condition=%cond, body=%body
+  %init2 = (s32[], s32[]) tuple(%zero, %n)
+  %loop2 = (s32[], s32[]) while(%init2), condition=%cond2, body=%body2
+  %a = f32[64,128]{1,0} get-tuple-element(%loop), index=1
+  %b = f32[128,32]{1,0} constant({...})
+  %gemm = (f32[64,32]{1,0}, s8[1024]{0}) custom-call(f32[64,128]{1,0} %a, f32[128,32]{1,0} %b), custom_call_target="__cublas$gemm", backend_config={"gemm_backend_config":{"alpha_real":1,"beta":0,"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}
+  %fmha = (bf16[2,8,64,16]{3,2,1,0}, u8[0]{0}) custom-call(%q, %k, %v), custom_call_target="__cudnn$fmhaSoftmax"
+  ROOT %r = f32[64,128]{1,0} get-tuple-element(%loop), index=1
+}
+"""  # noqa: E501
+
+
+def test_step_counts_read_trip_counts_from_loop_counters():
+    counts = hlo.step_counts(LOOPS_HLO)
+    body = 2 * 64 * 128 * 128 + 1  # the dot, and the counter's add
+    gemm = 2 * 64 * 32 * 128
+    # The condition's compare runs once in this count (twice more in fact: negligible).
+    assert counts.flops == 3 * body + 1 + gemm + 1
+    assert counts.flops_once == body + 1 + gemm + 1  # as XLA's cost analysis counts
+    assert counts.collectives == {
+        "all-reduce": {"count": 3, "bytes": 3 * 64 * 128 * 4},
+        "all-gather": {"count": 1, "bytes": 64 * 4},  # unknown trip count: once
+    }
+    assert (counts.loops, counts.unknown_trip_counts) == (2, 1)
+    assert counts.uncounted_kernels == {"__cudnn$fmhaSoftmax": 1}
+
+
+def _conv(**kwargs):
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(
+            x, w, dimension_numbers=("NHWC", "HWIO", "NHWC"), **kwargs
+        )
+
+    return conv
+
+
+@pytest.mark.parametrize(
+    "function, shapes",
+    [
+        (_conv(window_strides=(1, 1), padding="SAME"), [(8, 16, 16, 8), (3, 3, 8, 16)]),
+        (_conv(window_strides=(2, 2), padding="VALID"), [(8, 17, 17, 8), (3, 3, 8, 16)]),
+        (
+            _conv(window_strides=(1, 1), padding="SAME", rhs_dilation=(2, 2)),
+            [(8, 16, 16, 8), (3, 3, 8, 16)],
+        ),
+        (  # a transposed convolution: the input is dilated
+            _conv(window_strides=(1, 1), padding=((2, 2), (2, 2)), lhs_dilation=(2, 2)),
+            [(8, 8, 8, 8), (3, 3, 8, 16)],
+        ),
+        (
+            _conv(window_strides=(1, 1), padding="SAME", feature_group_count=8),
+            [(8, 16, 16, 8), (3, 3, 1, 16)],
+        ),
+        (  # its weight and input gradients
+            lambda x, w: jax.grad(
+                lambda x, w: _conv(window_strides=(2, 2), padding="SAME")(x, w).sum(), (0, 1)
+            )(x, w),
+            [(8, 16, 16, 8), (3, 3, 8, 16)],
+        ),
+        (lambda a, b: jax.numpy.einsum("bij,bjk->bik", a, b), [(4, 64, 128), (4, 128, 32)]),
+        (lambda a: jax.nn.softmax(a, axis=-1) * 2 + 1, [(64, 512)]),
+    ],
+)
+def test_flops_of_each_op_are_xla_cost_analysis_flops(function, shapes):
+    args = [jax.ShapeDtypeStruct(shape, jax.numpy.float32) for shape in shapes]
+    compiled = jax.jit(function).lower(*args).compile()
+    counts = hlo.step_counts(compiled.as_text())
+    assert counts.flops > 0 and counts.loops == 0
+    assert counts.flops == pytest.approx(compiled.cost_analysis()["flops"], rel=1e-6)
+
+
+class _Compiled:
+    """What compiled_stats reads of a compiled step: its analyses and its HLO."""
+
+    def __init__(self, cost):
+        self._cost = cost
+
+    def cost_analysis(self):
+        return self._cost
+
+    def memory_analysis(self):
+        return None
+
+    def as_text(self):
+        return LOOPS_HLO
+
+
+def test_compiled_stats_add_the_loop_trips_to_xlas_flops_and_seconds():
+    counts = hlo.step_counts(LOOPS_HLO)
+    stats = hlo.compiled_stats(_Compiled({"flops": 4e6, "optimal_seconds": 2e-3}))
+    assert stats["flops_per_step"] == 4e6 + counts.flops - counts.flops_once > 4e6
+    # The missing trips are priced at the program's seconds per FLOP.
+    assert stats["optimal_seconds_per_step"] == pytest.approx(2e-3 * stats["flops_per_step"] / 4e6)
+    # A negative estimate (the TPU compiler gives some) is kept apart, not scaled.
+    stats = hlo.compiled_stats(_Compiled({"flops": 4e6, "optimal_seconds": -24.9}))
+    assert stats["optimal_seconds_invalid"] == -24.9
+    assert "optimal_seconds" not in stats and "optimal_seconds_per_step" not in stats

@@ -45,6 +45,20 @@ def _command(workdir, data_dir, steps=5000, *flags):
     ]
 
 
+def _cli(workdir, data_dir, *flags):
+    """`jaxtrain train` of the GPT smoke config, in this process."""
+    return cli.main(
+        [
+            "jaxtrain",
+            "train",
+            f"--config={GPT}:smoke",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            *flags,
+        ]
+    )
+
+
 def _start(command, **kwargs):
     return subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **kwargs
@@ -289,16 +303,7 @@ def test_a_transient_read_failure_stops_the_run_and_keeps_the_step(
         raise PermissionError(errno.EACCES, "Permission denied", os.path.join(step_dir, *parts))
 
     monkeypatch.setattr(integrity, "_read_json", denied)
-    status = cli.main(
-        [
-            "jaxtrain",
-            "train",
-            f"--config={GPT}:smoke",
-            f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}",
-        ]
-    )
-    assert status == EXIT_IO
+    assert _cli(workdir, data_dir) == EXIT_IO
     assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
 
 
@@ -310,19 +315,12 @@ def test_when_every_checkpoint_is_damaged_the_run_refuses_to_start_over(
     for step in ("2", "4"):
         os.remove(workdir / "checkpoints" / step / integrity.COMMIT_MARKER)
     before = sorted(os.listdir(workdir / "checkpoints"))
-    args = [
-        "jaxtrain",
-        "train",
-        f"--config={GPT}:smoke",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-    ]
-    assert cli.main(args) == 2
+    assert _cli(workdir, data_dir) == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "every checkpoint in" in line and "restart_if_all_damaged=True" in line
     assert sorted(os.listdir(workdir / "checkpoints")) == before
     # Asked for, it starts over (the damaged steps kept aside).
-    assert cli.main([*args, "--config.checkpoint.restart_if_all_damaged=True"]) == 0
+    assert _cli(workdir, data_dir, "--config.checkpoint.restart_if_all_damaged=True") == 0
     assert "resumed" not in capsys.readouterr().out
     assert {"2.damaged", "4.damaged", "4"} <= set(os.listdir(workdir / "checkpoints"))
 
@@ -335,18 +333,11 @@ def test_a_changed_config_is_refused_on_resume_unless_allowed(
 ):
     workdir = tmp_path / "run"
     shutil.copytree(four_steps, workdir)
-    base = [
-        "jaxtrain",
-        "train",
-        f"--config={GPT}:smoke",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        "--config.checkpoint_every_steps=2",
-    ]
+    every_2 = "--config.checkpoint_every_steps=2"
     with open(workdir / "config.json", "rb") as f:
         config_json = f.read()
-    status = cli.main([*base, "--config.global_batch_size=32", "--config.optim.lr=0.01"])
-    assert status == 2
+    changed = ("--config.global_batch_size=32", "--config.optim.lr=0.01")
+    assert _cli(workdir, data_dir, every_2, *changed) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "global_batch_size: 16 -> 32" in line and "optim.lr: 0.003 -> 0.01" in line
     assert "allow_config_changes=True" in line
@@ -354,19 +345,12 @@ def test_a_changed_config_is_refused_on_resume_unless_allowed(
         assert f.read() == config_json  # not overwritten
 
     # Changes people make on purpose: more steps, other intervals.
-    assert cli.main([*base, "--config.num_train_steps=6", "--config.log_every_steps=1"]) == 0
+    on_purpose = ("--config.num_train_steps=6", "--config.log_every_steps=1")
+    assert _cli(workdir, data_dir, every_2, *on_purpose) == 0
     # Asked for: a new batch size continues with the next example, not the next batch.
-    assert (
-        cli.main(
-            [
-                *base,
-                "--config.num_train_steps=8",
-                "--config.global_batch_size=32",
-                "--config.checkpoint.allow_config_changes=True",
-            ]
-        )
-        == 0
-    )
+    allowed = "--config.checkpoint.allow_config_changes=True"
+    bigger = ("--config.num_train_steps=8", "--config.global_batch_size=32", allowed)
+    assert _cli(workdir, data_dir, every_2, *bigger) == 0
     with ocp.CheckpointManager(workdir / "checkpoints") as manager:
         data_state = manager.restore(8, args=ocp.args.Composite(data=ocp.args.JsonRestore()))[
             "data"
@@ -428,24 +412,6 @@ def test_losing_the_console_never_stops_the_run(data_dir, tmp_path):
     assert "BrokenPipeError" not in proc.stderr
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    try:
-        subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-            check=True,
-            capture_output=True,
-        )
-    except (OSError, subprocess.CalledProcessError):
-        pytest.skip("needs permission to mount a tmpfs (root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", str(mount)], check=False)
-
-
 @pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_and_exit_74(data_dir, small_disk):
     workdir = small_disk / "run"
@@ -489,17 +455,7 @@ def test_a_full_disk_mid_run_is_one_line_and_exit_74(data_dir, small_disk):
 )
 def test_out_of_range_values_are_one_line_exit_2(flag, message, data_dir, tmp_path, capsys):
     workdir = tmp_path / "run"
-    status = cli.main(
-        [
-            "jaxtrain",
-            "train",
-            f"--config={GPT}:smoke",
-            f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}",
-            flag,
-        ]
-    )
-    assert status == 2
+    assert _cli(workdir, data_dir, flag) == 2
     [line] = capsys.readouterr().err.strip().splitlines()
     assert line.startswith("jaxtrain: error: ") and message in line, line
     assert not workdir.exists()

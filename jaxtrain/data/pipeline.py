@@ -6,7 +6,6 @@ seed, each process reads only its own slice, and the iterator position is a smal
 that the checkpoint stores.
 """
 
-import difflib
 import errno
 import fcntl
 import math
@@ -23,7 +22,7 @@ import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtrain.errors import ConfigError, StorageError
+from jaxtrain.errors import ConfigError, StorageError, did_you_mean
 from jaxtrain.sharding import Rules, batch_axes, check_divisible
 
 BUNDLED = ("digits", "pysource")
@@ -45,11 +44,9 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
         return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
     except tfds.core.registered.DatasetNotFoundError:
         known = [*BUNDLED, *tfds.list_builders(with_community_datasets=False)]
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown data set {name!r}{hint}: neither bundled {BUNDLED}, nor 'synthetic' "
-            "(random examples, for timing), nor in the TFDS catalog"
+            f"unknown data set {name!r}{did_you_mean(name, known)}: neither bundled "
+            f"{BUNDLED}, nor 'synthetic' (random examples, for timing), nor in the TFDS catalog"
         ) from None
 
 

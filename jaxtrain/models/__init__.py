@@ -7,13 +7,12 @@ called with the other fields as keyword arguments and `rngs=`.
 """
 
 import dataclasses
-import difflib
 from collections.abc import Callable
 
 from flax import nnx
 
 from jaxtrain import imports
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import ConfigError, did_you_mean
 from jaxtrain.models.cnn import CNN, CNNConfig
 from jaxtrain.models.gpt import GPT, GPTConfig
 
@@ -30,11 +29,9 @@ def hyperparameters(model_config):
     fields = dict(model_config)
     name = fields.pop("name")
     if name not in BUNDLED:
-        close = difflib.get_close_matches(name, BUNDLED, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown model {name!r}{hint}; bundled models: {sorted(BUNDLED)}, "
-            "or an import path 'package.module:Class'"
+            f"unknown model {name!r}{did_you_mean(name, BUNDLED)}; bundled models: "
+            f"{sorted(BUNDLED)}, or an import path 'package.module:Class'"
         )
     config_class = BUNDLED[name][1]
     known = {f.name for f in dataclasses.fields(config_class)}

@@ -11,7 +11,6 @@ the config and returns a Task; `from_config` resolves it.
 """
 
 import dataclasses
-import difflib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -20,7 +19,7 @@ import optax
 from flax import nnx
 
 from jaxtrain import imports, sharding
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import ConfigError, did_you_mean
 
 # loss(model, batch, rngs) -> (scalar loss, {name: scalar metric})
 LossFn = Callable[[nnx.Module, dict, nnx.Rngs], tuple[jax.Array, dict]]
@@ -137,10 +136,8 @@ def from_config(config) -> Task:
             )
         return task
     if name not in bundled:
-        close = difflib.get_close_matches(name, bundled, n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigError(
-            f"unknown task {name!r}{hint}; bundled tasks: {sorted(bundled)}, "
-            "or an import path 'package.module:make_task'"
+            f"unknown task {name!r}{did_you_mean(name, bundled)}; bundled tasks: "
+            f"{sorted(bundled)}, or an import path 'package.module:make_task'"
         )
     return bundled[name](config)

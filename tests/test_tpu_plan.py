@@ -1,0 +1,154 @@
+"""`jaxtrain plan` compiled by the TPU compiler itself, on libtpu's compile-only devices.
+
+libtpu (`jax[tpu]`, in the test extras on x86-64 Linux) compiles for a TPU slice on this
+CPU host; where it is not installed these tests are skipped.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import CONFIGS, REPO, load_config
+
+from jaxtrain import plan, topology
+
+pytest.importorskip("libtpu")
+pytestmark = pytest.mark.slow
+
+GPT = os.path.join(CONFIGS, "gpt_pysource.py")
+MESH = dict(data=1, fsdp=2, sequence=1, tensor=2)
+
+
+def _gpt(scan_layers: bool):
+    # The smoke GPT, 4 layers deep: each layer a loop trip when scanned.
+    return load_config(
+        "gpt_pysource", "smoke", mesh=MESH, model__num_layers=4, model__scan_layers=scan_layers
+    )
+
+
+@pytest.fixture(scope="module")
+def scanned():
+    return plan.make_plan(_gpt(scan_layers=True), "v5p-8")
+
+
+@pytest.fixture(scope="module")
+def unrolled():
+    return plan.make_plan(_gpt(scan_layers=False), "v5p-8")
+
+
+def test_compiled_by_the_tpu_compiler_with_the_targets_layout(scanned):
+    assert scanned["source"] == "tpu-aot" and scanned["num_devices"] == 4
+    assert scanned["compute_dtype"] == "bfloat16"
+    # The same shardings on 4 CPU devices (whose bytes tests/test_plan.py checks against
+    # real arrays) hold the same bytes per device.
+    on_cpu = plan.make_plan(_gpt(scan_layers=True), "cpu-4")
+    for key in ("parameters", "optimizer_state", "batch"):
+        assert scanned["memory"][key] == on_cpu["memory"][key] > 0
+    memory = scanned["memory"]
+    # XLA's arguments are those arrays laid out in TPU tiles: never fewer bytes.
+    assert memory["arguments"] >= memory["parameters"] + memory["optimizer_state"]
+    assert memory["capacity"] == 95 * 2**30 and memory["fits"] is True
+    assert scanned["collectives"]["all-gather"]["count"] > 0  # FSDP gathers weights
+
+
+def test_trip_counts_make_a_scanned_model_count_as_its_unrolled_twin(scanned, unrolled):
+    assert scanned["loops"] >= 2 and unrolled["loops"] == 0  # forward and backward scans
+    assert scanned["model_flops_per_device"] == unrolled["model_flops_per_device"]
+    # XLA's own count has each layer loop's body once: about a quarter of 4 layers' work.
+    assert scanned["xla_flops_per_device_loops_once"] < 0.5 * unrolled["xla_flops_per_device"]
+    # With every trip counted the two programs agree (they differ a little: the unrolled
+    # one skips the first layer's input gradient, the scanned one indexes stacked arrays).
+    assert scanned["xla_flops_per_device"] == pytest.approx(
+        unrolled["xla_flops_per_device"], rel=0.03
+    )
+    assert (
+        unrolled["xla_flops_per_device"]
+        == unrolled["xla_flops_per_device_loops_once"]
+        > unrolled["model_flops_per_device"]  # norms, softmax, the optimizer, ...
+    )
+    # Per-layer collectives inside the loops count once per layer too.
+    gathers = scanned["collectives"]["all-gather"]["count"]
+    assert gathers >= 4 * scanned["loops"]
+
+
+def test_compiler_estimate_adds_the_loop_trips_and_gives_mfu(scanned, unrolled):
+    estimate = scanned["compiler_estimate"]
+    assert estimate["step_time_s"] > 2 * estimate["step_time_s_loops_once"] > 0
+    ratio = scanned["xla_flops_per_device"] / scanned["xla_flops_per_device_loops_once"]
+    assert estimate["step_time_s"] == pytest.approx(estimate["step_time_s_loops_once"] * ratio)
+    twin = unrolled["compiler_estimate"]
+    assert twin["step_time_s"] == twin["step_time_s_loops_once"] > 0  # nothing to add
+    assert estimate["mfu"] == pytest.approx(
+        scanned["model_flops_per_device"] / (estimate["step_time_s"] * 459e12)
+    )
+    text = plan.format_plan(scanned)
+    assert "compiled for libtpu's compile-only TPU devices" in text.splitlines()[0]
+    assert f"{estimate['mfu']:.1%} MFU (model FLOPs)" in text
+    assert "train step FLOPs per device: " in text and " model | " in text
+
+
+@pytest.mark.parametrize(
+    "name, kind, shape",
+    [
+        ("v5p-8", "TPU v5", (2, 2, 1)),
+        ("v5p-16", "TPU v5", (2, 2, 2)),
+        ("v5p-64", "TPU v5", (2, 4, 4)),
+        ("v5p-128", "TPU v5", (4, 4, 4)),
+        ("v4-8", "TPU v4", (2, 2, 1)),
+        ("v5e-2", "TPU v5 lite", (1, 2, 1)),  # smaller than a host: one host of its shape
+        ("v5e-16", "TPU v5 lite", (4, 4, 1)),
+        ("v6e-8", "TPU v6 lite", (2, 4, 1)),
+        ("v6e-256", "TPU v6 lite", (16, 16, 1)),
+    ],
+)
+def test_slices_have_their_physical_shape(name, kind, shape):
+    devices = topology.tpu_topology_devices(topology.parse_topology(name))
+    assert len(devices) == math.prod(shape)
+    assert {d.device_kind for d in devices} == {kind}
+    extent = tuple(max(d.coords[i] for d in devices) + 1 for i in range(3))
+    assert extent == shape
+
+
+def test_tensor_axis_spans_neighbouring_chips():
+    devices = topology.tpu_topology_devices(topology.parse_topology("v5p-64"))
+    ordered = topology.physical_order(devices, dict(data=4, fsdp=4, tensor=2))
+    for a, b in zip(ordered[::2], ordered[1::2], strict=True):  # each tensor pair
+        assert sum(abs(x - y) for x, y in zip(a.coords, b.coords, strict=True)) == 1
+
+
+def test_a_step_the_tpu_compiler_refuses_for_memory_is_reported_as_not_fitting():
+    # 512 sequences of 4,096 tokens on one 16 GiB v5e chip: the attention scores alone
+    # would need over 100 GiB.
+    config = load_config("gpt_pysource", "smoke", global_batch_size=512, data__seq_len=4096)
+    result = plan.make_plan(config, "v5e-1")
+    memory = result["memory"]
+    assert memory["fits"] is False and "RESOURCE_EXHAUSTED" in memory["refused"]
+    assert memory["parameters"] > 0 and result["model_flops_per_device"] > 0
+    assert result["collectives"] is None and result["compiler_estimate"] is None
+    text = plan.format_plan(result)
+    assert "  does not fit: the compiler refused it: " in text and "collectives" not in text
+
+
+def test_cli_lays_out_a_mesh_that_splits_a_physical_axis():
+    # v5p-64 is 2x4x4 chips; a mesh of data 2 x fsdp 8 x tensor 2 splits a 4-chip axis,
+    # which jax.make_mesh refuses. `jaxtrain plan` starts as many CPU devices as chips (for
+    # a fallback), so the compile-only devices must not be taken for this process's own.
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxtrain", "plan", f"--config={GPT}:smoke", "--topology=v5p-64"]
+        + ["--config.mesh.data=2", "--config.mesh.fsdp=-1", "--config.mesh.tensor=2"]
+        + ["--config.global_batch_size=64"]
+        + ["--json"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout)
+    assert result["source"] == "tpu-aot"
+    assert result["mesh"] == {"data": 2, "fsdp": 8, "sequence": 1, "tensor": 2}
