@@ -35,10 +35,17 @@ VARIANTS = {
     "no_eigen_threads": ("--xla_cpu_multi_thread_eigen=false", {}, []),
     # Two CPU devices, the batch split over them (data parallel inside one process).
     "two_cpu_devices": ("--xla_force_host_platform_device_count=2", {}, ["mesh.data=2"]),
-    # Fewer, larger fused kernels across XLA:CPU's parallel codegen.
-    "one_codegen_split": ("--xla_cpu_parallel_codegen_split_count=1", {}, []),
+    # The older XLA:CPU runtime (one compiled function, no thunks), where still present.
+    "no_thunk_runtime": ("--xla_cpu_use_thunk_runtime=false", {}, []),
+    # oneDNN for matmuls instead of XLA's own (Eigen / YNNPACK) kernels.
+    "onednn": ("--xla_cpu_use_onednn=true", {}, []),
     "tcmalloc": ("", {"LD_PRELOAD": TCMALLOC[0]} if TCMALLOC else None, []),
     "scan_layers": ("", {}, ["model.scan_layers=True"]),
+    "tcmalloc_two_cpu_devices": (
+        "--xla_force_host_platform_device_count=2",
+        {"LD_PRELOAD": TCMALLOC[0]} if TCMALLOC else None,
+        ["mesh.data=2"],
+    ),
 }
 
 
