@@ -42,6 +42,11 @@ setuptools.setup(
         "matplotlib>=3.8",
         # jax.export's serialization (`jaxtrain export`); jax does not require it itself.
         "flatbuffers>=24.3",
+        # The energy estimate (DIR/energy.json): measures CPU, RAM and NVIDIA GPU power
+        # offline; jaxtrain/energy.py.
+        "codecarbon>=3.0",
+        # jax's compilation cache needs it to evict old entries (config.compilation_cache).
+        "filelock>=3.12",
     ],
     extras_require={
         "test": [

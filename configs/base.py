@@ -65,8 +65,46 @@ def get_config() -> ml_collections.ConfigDict:
         max_consecutive_skips=10,  # under "skip": abort after this many bad steps in a row
     )
     c.precision = dict(  # the loss and logits are float32 whatever these say
-        compute_dtype="auto",  # "auto" (bfloat16 on GPU/TPU, float32 on CPU), "float32", "bfloat16"
-        param_dtype="float32",  # "float32" or "bfloat16": what parameters are stored in
+        # What matmuls and activations compute in. "auto": bfloat16 on TPU and on NVIDIA
+        # GPUs of compute capability 8.0+ (A100, L4, H100), float16 on older GPUs (T4,
+        # V100), float32 on CPU; or "float32", "bfloat16", "float16".
+        compute_dtype="auto",
+        param_dtype="float32",  # parameters, optimizer state and the loss
+        # float16 needs the loss scaled up (and the gradients back down) so that small
+        # gradients survive: "auto" scales when computing in float16, "dynamic" always,
+        # "none" never. The scale is part of the train state and logged as loss_scale.
+        loss_scaling="auto",
+        loss_scale_init=32768.0,  # the first scale (2**15); a step that overflows halves it
+        loss_scale_growth_steps=2000,  # double the scale after this many finite steps in a row
+    )
+    # jax's persistent compilation cache: compiled programs are kept on disk, so the next
+    # run of the same step (a rerun, a resume, the same config elsewhere) skips most of
+    # compiling it. Shared by all runs; trusted code (do not share it with other users).
+    c.compilation_cache = dict(
+        # "auto": $JAX_COMPILATION_CACHE_DIR if set, else $XDG_CACHE_HOME/jaxtrain/xla
+        # (~/.cache/jaxtrain/xla); "" turns the cache off; or any directory.
+        dir="auto",
+        # Only programs that took at least this long to compile are kept (jax's default is
+        # 1 s: the train step is cached, small helpers recompile faster than they load).
+        min_compile_time_s=1.0,
+        max_size_gb=4.0,  # least recently used programs are evicted past this; 0 = no limit
+    )
+    # A profiler trace (jax.profiler, each step annotated) of `num_steps` steps after the
+    # first `skip_steps` of this run (compilation, warm-up): DIR/profile, for TensorBoard's
+    # profile tab (`tensorboard --logdir DIR`) or XProf. 0 = no trace.
+    c.profile = dict(
+        num_steps=0,  # steps to trace; 0 = no trace
+        skip_steps=5,  # steps of this run left out first (compilation, warm-up)
+    )
+    # An estimate of the run's energy and emissions, written to DIR/energy.json at the end.
+    c.energy = dict(
+        # Watts per device; 0 = measured by codecarbon on CPU and GPU hosts (NVML on
+        # NVIDIA GPUs, RAPL or a load model on CPUs), the chip table (jaxtrain/hardware.py,
+        # vendors' TDPs) on TPUs and in multi-process runs.
+        device_watts=0.0,
+        # Carbon intensity of the electricity, kg CO2e per kWh: about the 2023 world
+        # average (Ember); set your grid's or provider's figure.
+        grid_kg_co2e_per_kwh=0.48,
     )
     c.checkpoint = dict(  # Orbax checkpoints in DIR/checkpoints/<step>
         keep_latest=3,  # the newest N steps are kept (>= 1: a rerun resumes from the newest)

@@ -98,7 +98,15 @@ def validate(config) -> None:
     Raises:
       ConfigError: the first bad field, named, with why.
     """
-    from jaxtrain import checkpoint, nonfinite, precision, tracking
+    from jaxtrain import (
+        checkpoint,
+        compilation_cache,
+        energy,
+        nonfinite,
+        precision,
+        profiling,
+        tracking,
+    )
 
     for key in _POSITIVE:
         _check(_is_int(config[key]) and config[key] > 0, key, config[key], "a positive integer")
@@ -129,8 +137,10 @@ def validate(config) -> None:
         ("grad_clip_norm", _is_number(o.grad_clip_norm) and o.grad_clip_norm > 0, "positive"),
     ):
         _check(ok, f"optim.{key}", o[key], what)
-    for key in ("compute_dtype", "param_dtype"):
-        precision.resolve_dtype(config.precision[key], "cpu")
+    precision.check_config(config.precision)
     checkpoint.check_config(config.checkpoint)
     nonfinite.check_config(config.nonfinite)
     tracking.check_config(config.logging)
+    compilation_cache.check_config(config.compilation_cache)
+    profiling.check_config(config.profile)
+    energy.check_config(config.energy)

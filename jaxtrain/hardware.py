@@ -1,8 +1,9 @@
-"""The accelerators jaxtrain knows: memory and dense bf16 peak per device, one lookup rule.
+"""The accelerators jaxtrain knows: memory, dense bf16 peak and power per device, one lookup.
 
 MFU (model FLOPs utilisation) divides by a chip's peak; `jaxtrain plan` checks fit against
-its memory. Both read this one table. A device that matches no entry (CPUs included) has
-no peak: MFU is then left out, not guessed.
+its memory; the energy estimate (`jaxtrain.energy`) multiplies its power by time where
+nothing measures it. All read this one table. A device that matches no entry (CPUs
+included) has no peak and no power: MFU is then left out, not guessed.
 """
 
 import dataclasses
@@ -21,20 +22,35 @@ class Chip:
     device_kinds: tuple[str, ...] = ()
     cores_per_device: int = 1  # TensorCores a TPU topology name counts per device
     tpu_name: str = ""  # libtpu's name for the generation ("v5e" in "v5e:4x4")
+    # Power per device for energy estimates: the vendor's TDP (board power) for GPUs.
+    # Google publishes no TDP for TPUs: theirs are rough public figures, good to about
+    # +-30%. Override with config.energy.device_watts.
+    tdp_watts: float | None = None
 
 
 # From the vendors' spec sheets: TPU HBM in GiB, GPU memory in (decimal) GB.
 CHIPS = {
-    "v4": Chip("tpu", 32 * GiB, 275e12, ("TPU v4",), cores_per_device=2, tpu_name="v4"),
-    "v5e": Chip("tpu", 16 * GiB, 197e12, ("TPU v5 lite", "TPU v5e"), tpu_name="v5e"),
+    "v4": Chip(
+        "tpu", 32 * GiB, 275e12, ("TPU v4",), cores_per_device=2, tpu_name="v4", tdp_watts=200
+    ),
+    "v5e": Chip("tpu", 16 * GiB, 197e12, ("TPU v5 lite", "TPU v5e"), tpu_name="v5e", tdp_watts=200),
     # Some runtimes report v5p as plain "TPU v5"; the longest prefix wins over v5e's.
-    "v5p": Chip("tpu", 95 * GiB, 459e12, ("TPU v5p", "TPU v5"), cores_per_device=2, tpu_name="v5"),
-    "v6e": Chip("tpu", 32 * GiB, 918e12, ("TPU v6 lite", "TPU v6e"), tpu_name="v6e"),
-    "h100": Chip("gpu", 80 * 10**9, 989e12, ("NVIDIA H100",)),
-    "h200": Chip("gpu", 141 * 10**9, 989e12, ("NVIDIA H200",)),
-    "a100": Chip("gpu", 80 * 10**9, 312e12, ("NVIDIA A100",)),
+    "v5p": Chip(
+        "tpu",
+        95 * GiB,
+        459e12,
+        ("TPU v5p", "TPU v5"),
+        cores_per_device=2,
+        tpu_name="v5",
+        tdp_watts=400,
+    ),
+    "v6e": Chip("tpu", 32 * GiB, 918e12, ("TPU v6 lite", "TPU v6e"), tpu_name="v6e", tdp_watts=300),
+    # SXM boards' TDPs.
+    "h100": Chip("gpu", 80 * 10**9, 989e12, ("NVIDIA H100",), tdp_watts=700),
+    "h200": Chip("gpu", 141 * 10**9, 989e12, ("NVIDIA H200",), tdp_watts=700),
+    "a100": Chip("gpu", 80 * 10**9, 312e12, ("NVIDIA A100",), tdp_watts=400),
     # Reported as "NVIDIA A100" too: the lookup, first entry first on a tie, says "a100".
-    "a100_40gb": Chip("gpu", 40 * 10**9, 312e12, ("NVIDIA A100",)),
+    "a100_40gb": Chip("gpu", 40 * 10**9, 312e12, ("NVIDIA A100",), tdp_watts=400),
     "cpu": Chip("cpu", None, None),
 }
 
@@ -53,3 +69,9 @@ def peak_flops(device) -> float | None:
     """Dense bf16 peak FLOP/s of one jax device, or None when its kind is unknown."""
     chip = chip_for_device_kind(device.device_kind)
     return chip.peak_bf16_flops if chip else None
+
+
+def tdp_watts(device) -> float | None:
+    """Power per device from the table (see `Chip.tdp_watts`), or None when unknown."""
+    chip = chip_for_device_kind(device.device_kind)
+    return chip.tdp_watts if chip else None

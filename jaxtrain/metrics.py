@@ -1,4 +1,4 @@
-"""Metric writers: the console, `metrics.jsonl`, TensorBoard and W&B; and step timing.
+"""Metric writers: the console, `metrics.jsonl`, TensorBoard and W&B; step timing and memory.
 
 Only process 0 writes; every other process gets a writer that does nothing. Losing where
 metrics go never stops training: a console that went away (`| head`) is dropped
@@ -57,6 +57,9 @@ _ORDER = (
     "examples_per_s",
     "tokens_per_s",
     "mfu",
+    "input_wait",
+    "peak_memory_gib",
+    "loss_scale",
 )
 
 
@@ -205,19 +208,49 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
         os.replace(tmp, path)
 
 
-class Throughput:
-    """Seconds per step between two points where the device was known to be idle."""
+class StepTimer:
+    """Time per step, and the share of it spent waiting for input, between two marks
+    where the device was known to be idle.
 
-    def __init__(self, step: int):
+    Args:
+      step: the step of the first mark.
+      input_wait_s: returns the seconds the loop has spent blocked waiting for its next
+        batch, in all (`jaxtrain.data.DevicePrefetcher.wait_seconds`).
+    """
+
+    def __init__(self, step: int, input_wait_s=lambda: 0.0):
+        self._input_wait_s = input_wait_s
         self.reset(step)
 
     def reset(self, step: int) -> None:
-        self._step, self._time = step, time.perf_counter()
+        """Marks `step` (after an evaluation, whose time is not a step's)."""
+        self._step, self._time, self._waited = step, time.perf_counter(), self._input_wait_s()
 
-    def measure(self, step: int) -> float | None:
-        """Seconds per step since the last mark, and marks `step`."""
-        now = time.perf_counter()
-        steps = step - self._step
-        seconds = (now - self._time) / steps if steps > 0 else None
-        self._step, self._time = step, now
-        return seconds
+    def measure(self, step: int) -> dict[str, float]:
+        """`step_time_s` (seconds per step) and `input_wait` (the fraction of the
+        interval spent waiting for input) since the last mark; marks `step`."""
+        now, waited = time.perf_counter(), self._input_wait_s()
+        steps, seconds = step - self._step, now - self._time
+        result = {}
+        if steps > 0 and seconds > 0:
+            result = {
+                "step_time_s": seconds / steps,
+                "input_wait": min(1.0, (waited - self._waited) / seconds),
+            }
+        self._step, self._time, self._waited = step, now, waited
+        return result
+
+
+def peak_memory_bytes(devices) -> float | None:
+    """The largest peak of device memory in use among `devices`, as their runtime reports
+    it (`device.memory_stats()["peak_bytes_in_use"]`: GPU and TPU); None where none does
+    (CPU): not guessed."""
+    peaks = []
+    for device in devices:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # a runtime without the call
+            stats = None
+        if stats and "peak_bytes_in_use" in stats:
+            peaks.append(stats["peak_bytes_in_use"])
+    return float(max(peaks)) if peaks else None

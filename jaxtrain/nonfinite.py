@@ -3,6 +3,11 @@
 The train step never applies such an update (see steps.make_train_step); this module
 decides what happens next. It reads each step's `finite` flag one step late, while the
 device already runs the next step, so the check costs one scalar transfer per step.
+
+A float16 loss-scale overflow (`overflow`: finite loss, gradients that overflowed only
+because the loss was scaled up) is not a non-finite step: the train step has skipped it
+and halved the scale, as dynamic loss scaling expects, so no policy acts on it, `abort`
+included. At a scale of 1 an overflow is real and comes here like any other.
 """
 
 import json
@@ -70,6 +75,8 @@ class NonFinitePolicy:
         if bool(np.asarray(step_metrics["finite"])):  # waits for `step` only
             self._in_a_row = 0
             return state
+        if bool(np.asarray(step_metrics.get("overflow", False))):
+            return state  # skipped on device, the loss scale halved: nothing to decide
         self._in_a_row += 1
         loss = float(np.asarray(step_metrics["loss"]))
         leaf = int(np.asarray(step_metrics["first_nonfinite_leaf"]))
@@ -101,7 +108,9 @@ class NonFinitePolicy:
             )
             # Step numbers and the data stream go on forward: the batches since the
             # checkpoint are passed over, not replayed.
-            return restored.replace(step=state.step, skipped=state.skipped)
+            return restored.replace(
+                step=state.step, skipped=state.skipped, loss_scale=state.loss_scale
+            )
         return self._abort(step, what, local_batch, loss)
 
     def _abort(self, step, what, local_batch, loss):

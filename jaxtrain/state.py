@@ -20,6 +20,7 @@ from absl import logging
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtrain.precision import LossScale
 from jaxtrain.sharding import Rules, check_divisible, named_shardings, path_str
 
 
@@ -34,6 +35,10 @@ class TrainState:
     # statistics, its own RNG streams, any other nnx.Variable; nested dicts
     rng: jax.Array  # uint32 raw key data; each step's keys are folded in from the step
     skipped: jax.Array  # int32 scalar: steps whose update was dropped as non-finite
+    # Dynamic loss scaling (float16 compute): {"scale", "good_steps", "overflows"}, see
+    # jaxtrain.precision.LossScale. Kept whatever the precision, so a resumed run may
+    # switch precision; only a run that scales its loss reads or changes it.
+    loss_scale: Any
 
 
 def _not_kept(trainable):
@@ -88,6 +93,7 @@ def make_state_layout(
     rules,
     *,
     trainable=nnx.Param,
+    loss_scale: LossScale | None = None,
 ) -> StateLayout:
     """Traces the model and optimizer abstractly and lays their state out over `mesh`.
 
@@ -103,6 +109,8 @@ def make_state_layout(
       mesh: the device mesh.
       rules: logical-axis rules (a Rules or pairs).
       trainable: an NNX filter of the variables the optimizer updates.
+      loss_scale: the run's loss scaling, for the scale a new state starts from; None:
+        `LossScale()`'s (the scale is then carried but not used).
 
     Raises:
       ConfigError: a logical axis without a rule, or a weight its mesh axes do not divide.
@@ -134,6 +142,7 @@ def make_state_layout(
             model_state=nnx.to_pure_dict(rest),
             rng=jax.random.key_data(step_rng),
             skipped=jnp.zeros((), jnp.int32),
+            loss_scale=(loss_scale or LossScale()).initial_state(),
         )
 
     replicated = NamedSharding(mesh, PartitionSpec())
@@ -153,6 +162,7 @@ def make_state_layout(
         model_state=rest_shardings,
         rng=replicated,
         skipped=replicated,
+        loss_scale=jax.tree.map(lambda _: replicated, shapes.loss_scale),
     )
     abstract_state = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings

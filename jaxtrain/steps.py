@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtrain.data.pipeline import example_sharding
+from jaxtrain.precision import LossScale
 from jaxtrain.sharding import constrain
 from jaxtrain.state import StateLayout, TrainState
 
@@ -25,7 +26,7 @@ from jaxtrain.state import StateLayout, TrainState
 EVAL_SEED = 0
 
 # Train-step metrics for the host's non-finite guard, not for the log.
-GUARD_METRICS = ("finite", "nonfinite_in_update", "first_nonfinite_leaf")
+GUARD_METRICS = ("finite", "overflow", "nonfinite_in_update", "first_nonfinite_leaf")
 
 
 def set_mode(model: nnx.Module, *, train: bool) -> nnx.Module:
@@ -65,6 +66,7 @@ def make_train_step(
     *,
     microbatches: int = 1,
     schedule: optax.Schedule | None = None,
+    loss_scale: LossScale | None = None,
 ):
     """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
 
@@ -75,31 +77,41 @@ def make_train_step(
         accumulated (float32) in a scan before one update: the same update as the whole
         batch at once, with the activation memory of one part.
       schedule: the learning-rate schedule, to report `lr`; None: not reported.
+      loss_scale: dynamic loss scaling (float16 compute; `jaxtrain.precision.loss_scale`):
+        the loss is scaled by `state.loss_scale["scale"]` before the backward pass and
+        the gradients unscaled after it. A step whose scaled gradients overflow is
+        skipped, with `overflow` set, and the scale halves. None: no scaling.
 
     Metrics are the loss's (averaged over microbatches), `grad_norm`, `lr`,
-    `skipped_steps`, and for the host: `finite`, `nonfinite_in_update` and
-    `first_nonfinite_leaf` (index into `jax.tree.leaves(params)`: of the gradients, or of
-    the updated parameters; -1 when all is finite). A step whose loss or any gradient is
-    not finite, or whose update would make the state non-finite, leaves params, optimizer
-    and model state as they were (garbage never reaches the state) and counts itself in
-    `state.skipped`.
+    `skipped_steps`, with loss scaling `loss_scale` (after the step) and
+    `loss_scale_overflows`, and for the host: `finite`, `overflow`, `nonfinite_in_update`
+    and `first_nonfinite_leaf` (index into `jax.tree.leaves(params)`: of the gradients,
+    or of the updated parameters; -1 when all is finite). A step whose loss or any
+    gradient is not finite, or whose update would make the state non-finite, leaves
+    params, optimizer and model state as they were (garbage never reaches the state) and
+    counts itself in `state.skipped`, unless it is a loss scale overflow (`overflow`: an
+    expected event, counted in `state.loss_scale["overflows"]` instead).
     """
     tx = layout.tx
 
-    def grads_and_metrics(params, model_state, batch, rng):
+    def grads_and_metrics(params, model_state, batch, rng, scale):
+        """Gradients of the loss times `scale` (None: unscaled), metrics, model state."""
+
         def objective(params):
             model = set_mode(layout.merge(params, model_state), train=True)
             loss, metrics = _check_loss_output(loss_fn(model, batch, nnx.Rngs(rng)))
-            return loss, ({**metrics, "loss": loss}, layout.split(model)[1])
+            objective = loss if scale is None else loss * scale
+            return objective, ({**metrics, "loss": loss}, layout.split(model)[1])
 
         (_, (metrics, model_state)), grads = jax.value_and_grad(objective, has_aux=True)(params)
         return grads, metrics, model_state
 
     def train_step(state: TrainState, batch):
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        scale = None if loss_scale is None else state.loss_scale["scale"]
         if microbatches == 1:
             grads, metrics, model_state = grads_and_metrics(
-                state.params, state.model_state, batch, rng
+                state.params, state.model_state, batch, rng, scale
             )
         else:
             micro = jax.tree.map(lambda x: split_microbatches(x, microbatches), batch)
@@ -108,13 +120,13 @@ def make_train_step(
                 grads_sum, metrics_sum, model_state = carry
                 part, index = xs
                 grads, metrics, model_state = grads_and_metrics(
-                    state.params, model_state, part, jax.random.fold_in(rng, index)
+                    state.params, model_state, part, jax.random.fold_in(rng, index), scale
                 )
                 return (_add(grads_sum, grads), _add(metrics_sum, metrics), model_state), None
 
             first = jax.tree.map(lambda x: x[0], micro)
             metric_shapes = jax.eval_shape(
-                lambda: grads_and_metrics(state.params, state.model_state, first, rng)[1]
+                lambda: grads_and_metrics(state.params, state.model_state, first, rng, scale)[1]
             )
             zeros = (
                 jax.tree.map(jnp.zeros_like, state.params),
@@ -127,8 +139,16 @@ def make_train_step(
             # Each part's gradient is of its own mean loss; equal parts make their mean the
             # gradient of the whole batch's mean loss.
             grads, metrics = jax.tree.map(lambda g: g / microbatches, (grads, metrics))
+        if scale is not None:  # back to the loss's own gradients (inf stays inf)
+            grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
         leaf_finite = _leaves_finite(grads)
-        finite = jnp.isfinite(metrics["loss"]) & jnp.all(leaf_finite)
+        loss_finite, grads_finite = jnp.isfinite(metrics["loss"]), jnp.all(leaf_finite)
+        finite = loss_finite & grads_finite
+        overflow = jnp.bool_(False)
+        new_loss_scale = state.loss_scale
+        if loss_scale is not None:
+            overflow = loss_scale.is_overflow(state.loss_scale, loss_finite, grads_finite)
+            new_loss_scale = loss_scale.update(state.loss_scale, grads_finite, overflow)
 
         def update(_):
             updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -158,19 +178,25 @@ def make_train_step(
             params=params,
             opt_state=opt_state,
             model_state=new_model_state,
-            skipped=state.skipped + jnp.where(applied, 0, 1).astype(jnp.int32),
+            # An overflow is the loss scale's calibration, counted in loss_scale.
+            skipped=state.skipped + jnp.where(applied | overflow, 0, 1).astype(jnp.int32),
+            loss_scale=new_loss_scale,
         )
         metrics = {
             **metrics,
             "grad_norm": optax.global_norm(grads),
             "skipped_steps": new_state.skipped,
             "finite": applied,
+            "overflow": overflow,
             # Where: 0 the loss or a gradient, 1 the state after the update.
             "nonfinite_in_update": ~state_finite,
             "first_nonfinite_leaf": jnp.where(applied, -1, bad_leaf),
         }
         if schedule is not None:
             metrics["lr"] = schedule(state.step)
+        if loss_scale is not None:
+            metrics["loss_scale"] = new_loss_scale["scale"]
+            metrics["loss_scale_overflows"] = new_loss_scale["overflows"]
         return new_state, metrics
 
     return train_step

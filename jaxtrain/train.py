@@ -11,11 +11,26 @@ before the first byte is written to the workdir.
 import contextlib
 import json
 import math
+import time
 
 import jax
 from absl import logging
 
-from jaxtrain import checkpoint, data, hardware, hlo, metrics, nonfinite, optim, sharding, steps
+from jaxtrain import (
+    checkpoint,
+    compilation_cache,
+    data,
+    energy,
+    hardware,
+    hlo,
+    metrics,
+    nonfinite,
+    optim,
+    precision,
+    profiling,
+    sharding,
+    steps,
+)
 from jaxtrain import config as config_lib
 from jaxtrain import state as state_lib
 from jaxtrain import tasks as tasks_lib
@@ -48,6 +63,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
     with contextlib.ExitStack() as run:
         stop = run.enter_context(StopWatcher())  # from here on a signal stops the run cleanly
         config_lib.validate(config)
+        cache_dir = compilation_cache.enable(config.compilation_cache)  # before any compile
         task = task or tasks_lib.from_config(config)
 
         # --- Mesh: the devices, the logical-axis rules, how a global batch splits --------
@@ -55,7 +71,10 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
 
         # --- Model and optimizer: the train state's shapes and shardings, no memory yet ---
         tx, schedule = optim.optimizer_and_schedule(config, task.optimizer)
-        layout = state_lib.make_state_layout(task.model, tx, mesh, rules, trainable=task.trainable)
+        loss_scale = precision.loss_scale(config.precision, device=mesh.devices.flat[0])
+        layout = state_lib.make_state_layout(
+            task.model, tx, mesh, rules, trainable=task.trainable, loss_scale=loss_scale
+        )
 
         # --- Data: examples, and the batch they make --------------------------------------
         train_data = data.as_dataset(task.data)
@@ -82,6 +101,8 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             )
         lock.claim()  # the first write: everything that can refuse the run has passed
         workdir_lib.write_config(workdir, config_dict)
+        meter = energy.EnergyMeter(config.energy, mesh.devices.flat)
+        run.push(_closer(lambda: energy.finish(meter, workdir)))  # after the last save
         ckpt = checkpoint.Checkpointer(workdir, config.checkpoint)
         run.push(_closer(ckpt.close))  # waits for the last save; before the lock is freed
         train_iter = data.TrainIterator(
@@ -104,14 +125,24 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             train_iter.set_state(data_state)
         start_step = int(state.step)
 
+        # Batches are made ahead from here on, while the step compiles.
+        batches = data.DevicePrefetcher(train_iter, batch_shardings, size=config.data.prefetch)
+        run.push(_closer(batches.close))
+
         # --- One compiled train step; its memory and FLOPs known before step 1 ------------
+        compile_start = time.perf_counter()
         train_step = steps.compile_train_step(
             steps.make_train_step(
-                task.loss, layout, microbatches=config.microbatches, schedule=schedule
+                task.loss,
+                layout,
+                microbatches=config.microbatches,
+                schedule=schedule,
+                loss_scale=loss_scale,
             ),
             layout,
             abstract_batch,
         )
+        compile_s = time.perf_counter() - compile_start
         eval_step = steps.jit_eval_step(
             steps.make_eval_step(task.evaluation(), layout), layout, abstract_batch
         )
@@ -120,21 +151,28 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             task.flops_per_example, layout, config.global_batch_size, stats
         )
         _describe_run(config, task, layout, abstract_batch, stats, flops, start_step)
+        metrics.console(
+            f"train step compiled in {compile_s:.2f} s"
+            + (f" (persistent compilation cache: {cache_dir})" if cache_dir else "")
+        )
 
         # --- The loop ---------------------------------------------------------------------
         writer = metrics.MetricWriter(
             workdir, total_steps=config.num_train_steps, start_step=start_step, config=config_dict
         )
         run.push(_closer(writer.close))
-        batches = data.DevicePrefetcher(train_iter, batch_shardings, size=config.data.prefetch)
-        run.push(_closer(batches.close))
         guard = nonfinite.NonFinitePolicy(config.nonfinite, workdir, ckpt, layout.abstract_state)
-        reporter = StepReporter(config, task, writer, guard, flops[0], start_step)
+        reporter = StepReporter(config, task, writer, guard, flops[0], start_step, batches)
+        reporter.log_once({"compile_time_s": compile_s})
+        tracer = profiling.StepTracer(config.profile, workdir, start_step)
+        run.push(_closer(tracer.stop))
         result: dict[str, float] = {}
         late = None  # (step, metrics on device, local batch) the host has not read yet
+        meter.track()
         stop.start_loop()
         for step in range(start_step + 1, config.num_train_steps + 1):
-            state, step_metrics = train_step(state, next(batches))
+            with tracer.step(step):  # annotated for profiles; traced as config.profile says
+                state, step_metrics = train_step(state, next(batches))
             writer.advance()
             if late is not None:  # the device runs `step` now: read `step - 1`
                 state = reporter.settle(*late, state)
@@ -217,31 +255,44 @@ class StepReporter:
     """Reads a step's metrics once the device has moved on to the next step.
 
     `settle` runs the non-finite guard on the step (which may raise or roll the state
-    back) and logs it when it is a log step, with its timing, throughput and MFU.
+    back) and logs it when it is a log step, with its timing, throughput, MFU, the share
+    of the interval spent waiting for input and the devices' peak memory (where the
+    backend reports it).
     """
 
-    def __init__(self, config, task, writer, guard, flops_per_device, start_step):
-        self.timer = metrics.Throughput(start_step)
+    def __init__(self, config, task, writer, guard, flops_per_device, start_step, batches):
+        self.timer = metrics.StepTimer(start_step, lambda: batches.wait_seconds)
         self.last_train: dict[str, float] = {}
+        self._once: dict[str, float] = {}
         self._config, self._writer, self._guard = config, writer, guard
         self._examples = config.global_batch_size
         self._tokens = config.global_batch_size * (task.tokens_per_example or 0)
         peak = hardware.peak_flops(jax.devices()[0])
         self._flops_per_peak = flops_per_device / peak if peak and flops_per_device else None
 
+    def log_once(self, scalars: dict[str, float]) -> None:
+        """Adds `scalars` to the next train record only (compile time, ...)."""
+        self._once.update(scalars)
+
     def settle(self, step: int, step_metrics, local_batch, state):
         """Returns the state to continue from after `step`'s metrics are read."""
         fetched = jax.device_get(step_metrics)
         if step % self._config.log_every_steps == 0 or step == self._config.num_train_steps:
             scalars = {k: float(v) for k, v in fetched.items() if k not in steps.GUARD_METRICS}
-            seconds = self.timer.measure(step)
-            if seconds:
-                scalars["step_time_s"] = seconds
+            timing = self.timer.measure(step)
+            if timing:
+                seconds = timing["step_time_s"]
+                scalars.update(timing)
                 scalars["examples_per_s"] = self._examples / seconds
                 if self._tokens:
                     scalars["tokens_per_s"] = self._tokens / seconds
                 if self._flops_per_peak:
                     scalars["mfu"] = self._flops_per_peak / seconds
+            peak = metrics.peak_memory_bytes(jax.local_devices())
+            if peak is not None:
+                scalars["peak_memory_gib"] = peak / 2**30
+            scalars.update(self._once)
+            self._once = {}
             self._writer.write(step, "train", scalars)
             self.last_train = {"train_loss": scalars["loss"]}
         return self._guard.check(step, fetched, local_batch, state)

@@ -17,9 +17,9 @@ from jaxtrain.errors import ConfigError, StorageError
 
 LOCK_FILE = ".jaxtrain.lock"
 
-# Config fields a resumed run may change on purpose: how long it runs, what it logs and
-# keeps and where to (logging), where it runs (mesh, rules, precision, microbatches: the
-# same math elsewhere).
+# Config fields a resumed run may change on purpose: how long it runs, what it logs,
+# measures and keeps and where to (logging), where it runs (mesh, rules, precision,
+# microbatches: the same math elsewhere).
 # Any other change (model, data, batch, seed, optimizer, task) makes a different run.
 CHANGEABLE = (
     "num_train_steps",
@@ -36,6 +36,9 @@ CHANGEABLE = (
     "precision",
     "data.prefetch",
     "data.data_dir",
+    "compilation_cache",
+    "profile",
+    "energy",
 )
 
 

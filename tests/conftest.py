@@ -17,6 +17,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _DATA_DIR = tempfile.mkdtemp(prefix="jaxtrain_tfds_")
 os.environ["TFDS_DATA_DIR"] = _DATA_DIR
 atexit.register(shutil.rmtree, _DATA_DIR, ignore_errors=True)
+# jax's persistent compilation cache ("auto": $XDG_CACHE_HOME/jaxtrain/xla) goes to a
+# temporary directory too, for this process and the runs it starts: never the user's.
+_CACHE_HOME = tempfile.mkdtemp(prefix="jaxtrain_cache_")
+os.environ["XDG_CACHE_HOME"] = _CACHE_HOME
+os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
+atexit.register(shutil.rmtree, _CACHE_HOME, ignore_errors=True)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

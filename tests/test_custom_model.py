@@ -24,7 +24,16 @@ from jax.sharding import PartitionSpec as P
 
 EXAMPLE = os.path.join(REPO, "examples", "custom_model.py")
 STEPS = 400
-TIMINGS = {"step_time_s", "examples_per_s"}
+# Measured, so they differ between two runs of the same steps.
+TIMINGS = {
+    "step_time_s",
+    "examples_per_s",
+    "tokens_per_s",
+    "mfu",
+    "input_wait",
+    "compile_time_s",
+    "peak_memory_gib",
+}
 
 
 def _example():

@@ -21,7 +21,16 @@ from jaxtrain.errors import EXIT_PREEMPTED
 
 GPT = os.path.join(CONFIGS, "gpt_pysource.py")
 STEPS = 60
-TIMINGS = {"step_time_s", "examples_per_s", "tokens_per_s"}
+# Measured, so they differ between two runs of the same steps.
+TIMINGS = {
+    "step_time_s",
+    "examples_per_s",
+    "tokens_per_s",
+    "mfu",
+    "input_wait",
+    "compile_time_s",
+    "peak_memory_gib",
+}
 
 
 def _command(workdir, data_dir, checkpoint_every=10):

@@ -12,6 +12,7 @@ import math
 import os
 import queue
 import threading
+import time
 from collections.abc import Mapping
 
 import grain
@@ -45,7 +46,7 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
         known = [*BUNDLED, *tfds.list_builders(with_community_datasets=False)]
         raise ConfigError(
             f"unknown data set {name!r}{did_you_mean(name, known)}: neither bundled "
-            f"{BUNDLED} nor in the TFDS catalog"
+            f"{BUNDLED}, nor 'synthetic' (random examples, for timing), nor in the TFDS catalog"
         ) from None
 
 
@@ -289,7 +290,8 @@ class DevicePrefetcher:
     Wraps an iterator of per-process numpy batches. `state` is the wrapped iterator's
     state right after the last batch *handed out* (not the last one read ahead), so a
     checkpoint that stores it resumes with exactly the next batch; `local` is that
-    batch's numpy arrays (this process's rows).
+    batch's numpy arrays (this process's rows). `wait_seconds` is the time callers have
+    spent blocked in `next()` waiting for a batch, in all: input the step waited for.
 
     Args:
       iterator: a grain iterator of this process's batches.
@@ -304,6 +306,7 @@ class DevicePrefetcher:
         self._stop = threading.Event()
         self.state = iterator.get_state()
         self.local = None
+        self.wait_seconds = 0.0
         self._thread = threading.Thread(target=self._fill, name="jaxtrain-prefetch", daemon=True)
         self._thread.start()
 
@@ -331,7 +334,9 @@ class DevicePrefetcher:
         return self
 
     def __next__(self):
+        start = time.perf_counter()
         item = self._queue.get()
+        self.wait_seconds += time.perf_counter() - start
         if item is _END:
             raise StopIteration
         if isinstance(item, BaseException):

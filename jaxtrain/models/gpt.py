@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.models.attention import causal_attention
 from jaxtrain.sharding import constrain
 
 BLE = ("activation_batch", "activation_length", "activation_embed")
@@ -76,7 +77,8 @@ class Attention(nnx.Module):
         rngs,
     ):
         self.rope_base = rope_base
-        self.attention_impl = None if attention_impl == "auto" else attention_impl
+        # "auto" is XLA: jax's own "auto" picks XLA too (cuDNN only when asked for).
+        self.attention_impl = "xla" if attention_impl == "auto" else attention_impl
         std = embed_dim**-0.5
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query = nnx.Einsum(
@@ -118,9 +120,7 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions):
         q, k, v = self._project(x, positions)
-        y = jax.nn.dot_product_attention(
-            q, k, v, is_causal=True, implementation=self.attention_impl
-        )
+        y = causal_attention(q, k, v, self.attention_impl)
         return self.out(constrain(y, _HEADS))
 
     def decode(self, x, positions, cache):
@@ -211,7 +211,7 @@ class GPTConfig:
     mlp_dim: int
     rope_base: float
     dropout_rate: float
-    attention_impl: str  # "xla", "cudnn" or "auto" (jax picks)
+    attention_impl: str  # "xla", "cudnn" or "auto" (XLA; see models/attention.py)
     scan_layers: bool  # stack the blocks' weights and scan over them
     remat: str  # "none", "full" or "save_dots"
 

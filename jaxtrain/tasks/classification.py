@@ -11,6 +11,8 @@ import numpy as np
 import optax
 
 from jaxtrain import data, models, precision
+from jaxtrain.data import synthetic
+from jaxtrain.errors import ConfigError
 from jaxtrain.tasks import Task
 
 
@@ -47,18 +49,39 @@ def make_task(config) -> Task:
 
     One example's image shape comes from `config.model.image_shape` when the model has
     that field (the bundled CNN), otherwise from the first training example.
+    `config.data.name = "synthetic"` trains on random images of that shape with random
+    labels below `config.model.num_classes`, made per example.
 
     Raises:
-      ConfigError: an unknown data set or model, or bad model fields.
+      ConfigError: an unknown data set or model, bad model fields, or synthetic data for a
+        model without `image_shape` and `num_classes`.
     """
-    data.pipeline.get_builder(config.data.name, config.data.data_dir)  # a bad name fails now
+    if config.data.name == synthetic.NAME:
+        if not ("image_shape" in config.model and "num_classes" in config.model):
+            raise ConfigError(
+                "config.data.name='synthetic' makes images of config.model.image_shape "
+                "with labels below config.model.num_classes: the model config has no such fields"
+            )
+        train_data, eval_data = (
+            synthetic.SyntheticImages(
+                split,
+                config.data.seed,
+                image_shape=config.model.image_shape,
+                num_classes=config.model.num_classes,
+            )
+            for split in ("train", "eval")
+        )
+    else:
+        data.pipeline.get_builder(config.data.name, config.data.data_dir)  # a bad name fails
+        train_data = lambda: labelled_images(config.data, config.data.train_split)  # noqa: E731
+        eval_data = lambda: labelled_images(config.data, config.data.eval_split)  # noqa: E731
     compute_dtype, param_dtype = precision.dtypes(config.precision)
     model = models.make_model(config.model, dtype=compute_dtype, param_dtype=param_dtype)
     return Task(
         model=model,
         loss=loss,
-        data=lambda: labelled_images(config.data, config.data.train_split),
-        eval_data=lambda: labelled_images(config.data, config.data.eval_split),
+        data=train_data,
+        eval_data=eval_data,
         eval_metrics=eval_metrics,
         example=(
             {

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from jaxtrain import data, models, precision
+from jaxtrain.data import synthetic
 from jaxtrain.errors import ConfigError
 from jaxtrain.models import gpt
 from jaxtrain.tasks import Task
@@ -92,13 +93,27 @@ def text_windows(data_config, split: str) -> TokenWindows:
 def make_task(config) -> Task:
     """The LM task of a config (configs/gpt_pysource.py); checks names, loads no data.
 
+    `config.data.name = "synthetic"` trains on random tokens below
+    `config.model.vocab_size` (256 for a model without that field), made per example.
+
     Raises:
       ConfigError: an unknown data set or model, or bad model fields.
     """
     seq_len = config.data.seq_len
     if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
         raise ConfigError(f"config.data.seq_len must be a positive integer, got {seq_len!r}")
-    data.pipeline.get_builder(config.data.name, config.data.data_dir)  # a bad name fails now
+    if config.data.name == synthetic.NAME:
+        vocab_size = config.model.vocab_size if "vocab_size" in config.model else 256
+        train_data, eval_data = (
+            synthetic.SyntheticTokens(
+                split, config.data.seed, seq_len=seq_len, vocab_size=vocab_size
+            )
+            for split in ("train", "eval")
+        )
+    else:
+        data.pipeline.get_builder(config.data.name, config.data.data_dir)  # a bad name fails
+        train_data = lambda: text_windows(config.data, config.data.train_split)  # noqa: E731
+        eval_data = lambda: text_windows(config.data, config.data.eval_split)  # noqa: E731
     compute_dtype, param_dtype = precision.dtypes(config.precision)
     model = models.make_model(config.model, dtype=compute_dtype, param_dtype=param_dtype)
     tokens = jax.ShapeDtypeStruct((seq_len,), jnp.int32)
@@ -109,8 +124,8 @@ def make_task(config) -> Task:
     return Task(
         model=model,
         loss=loss,
-        data=lambda: text_windows(config.data, config.data.train_split),
-        eval_data=lambda: text_windows(config.data, config.data.eval_split),
+        data=train_data,
+        eval_data=eval_data,
         eval_metrics=eval_metrics,
         summarize_eval=summarize_eval,
         example={"inputs": tokens, "targets": tokens},
