@@ -73,6 +73,18 @@ def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
 
 
+# Measured, so they differ between two runs of the same steps.
+TIMINGS = {
+    "step_time_s",
+    "examples_per_s",
+    "tokens_per_s",
+    "mfu",
+    "input_wait",
+    "compile_time_s",
+    "peak_memory_gib",
+}
+
+
 def load_config(name: str, arg: str | None = None, data_dir: str | None = None, **overrides):
     """Loads configs/<name>.py[:arg], points it at `data_dir` and applies dotted overrides."""
     spec = os.path.join(CONFIGS, f"{name}.py") + (f":{arg}" if arg else "")

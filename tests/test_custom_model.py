@@ -19,21 +19,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import REPO, read_metrics
+from conftest import REPO, TIMINGS, read_metrics
 from jax.sharding import PartitionSpec as P
 
 EXAMPLE = os.path.join(REPO, "examples", "custom_model.py")
 STEPS = 400
-# Measured, so they differ between two runs of the same steps.
-TIMINGS = {
-    "step_time_s",
-    "examples_per_s",
-    "tokens_per_s",
-    "mfu",
-    "input_wait",
-    "compile_time_s",
-    "peak_memory_gib",
-}
 
 
 def _example():

@@ -15,22 +15,12 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
-from conftest import CONFIGS, read_metrics
+from conftest import CONFIGS, TIMINGS, read_metrics
 
 from jaxtrain.errors import EXIT_PREEMPTED
 
 GPT = os.path.join(CONFIGS, "gpt_pysource.py")
 STEPS = 60
-# Measured, so they differ between two runs of the same steps.
-TIMINGS = {
-    "step_time_s",
-    "examples_per_s",
-    "tokens_per_s",
-    "mfu",
-    "input_wait",
-    "compile_time_s",
-    "peak_memory_gib",
-}
 
 
 def _command(workdir, data_dir, checkpoint_every=10):
