@@ -69,7 +69,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mlp_dim=14_336,  # hidden width of the SwiGLU MLP
         rope_base=500_000.0,  # RoPE's wavelength base (Llama 3's)
         dropout_rate=0.0,  # none, as in Llama pretraining
-        attention_impl="auto",  # "xla", "cudnn" (GPU, bf16) or "auto" (jax picks)
+        attention_impl="auto",  # splash on TPU, XLA elsewhere; or "xla", "cudnn" (GPU), "splash"
         scan_layers=True,  # one compiled block scanned 32 times: compile time flat in depth
         # Keep only each block's input for the backward pass and recompute the rest: 25%
         # more FLOPs, but save_dots needs more memory than a chip has at this batch.

@@ -61,7 +61,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mlp_dim=384,  # hidden width of the gated MLP
         rope_base=10_000.0,  # RoPE's wavelength base
         dropout_rate=0.0,  # dropout on each block's attention and MLP outputs, in training
-        attention_impl="auto",  # "xla", "cudnn" (GPU, bf16/fp16) or "auto" (jax picks)
+        attention_impl="auto",  # splash on TPU, XLA elsewhere; or "xla", "cudnn" (GPU), "splash"
         scan_layers=False,  # stack the blocks' weights and scan: compile time flat in depth
         remat="none",  # recompute in backward: "none", "full" or "save_dots"
     )

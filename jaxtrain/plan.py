@@ -31,6 +31,7 @@ from jaxtrain import data, hlo, metrics, optim, precision, sharding, steps
 from jaxtrain import state as state_lib
 from jaxtrain import tasks as tasks_lib
 from jaxtrain.hardware import Chip, GiB
+from jaxtrain.pallas_flops import pallas_flops
 from jaxtrain.topology import Topology, parse_topology, physical_order, target_devices
 
 __all__ = ["Topology", "config_for_platform", "format_plan", "make_plan", "parse_topology"]
@@ -97,7 +98,12 @@ def make_plan(
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             compiled, refused = None, " ".join(str(e).split())
-    counts = hlo.step_counts(compiled.as_text()) if compiled else None
+        counts = hlo.step_counts(compiled.as_text()) if compiled else None
+        kernel_flops, kernels = 0.0, {}
+        if counts and "tpu_custom_call" in counts.uncounted_kernels:
+            # Pallas kernels: the compiler prices them by bytes only (jaxtrain/pallas_flops.py)
+            traced = jax.make_jaxpr(train_step)(layout.abstract_state, batch)
+            kernel_flops, kernels = pallas_flops(traced)
     stats = hlo.compiled_stats(compiled, counts) if compiled else {}
 
     memory = {
@@ -136,11 +142,23 @@ def make_plan(
     estimate = None
     if chip.platform == "tpu" and source != "cpu-simulated" and "optimal_seconds" in stats:
         seconds = stats["optimal_seconds_per_step"]
+        kernel_seconds = kernel_flops / peak if kernel_flops and peak else 0.0
         estimate = {
-            "step_time_s": seconds,
+            "step_time_s": seconds + kernel_seconds,
             "step_time_s_loops_once": stats["optimal_seconds"],  # as the compiler reports
-            "mfu": flops / (seconds * peak) if flops and peak else None,
+            "step_time_s_compiler": seconds,  # loops added, Pallas kernels' math left out
+            "pallas_kernel_flops": kernel_flops,
+            "pallas_kernel_s": kernel_seconds,
+            "mfu": flops / ((seconds + kernel_seconds) * peak) if flops and peak else None,
         }
+        if kernel_seconds:
+            names = ", ".join(f"{k} x{n}" for k, n in sorted(kernels.items()))
+            notes.append(
+                f"the TPU cost model prices Pallas kernels ({names}) by their memory "
+                f"traffic only: their matmuls, {_flop(kernel_flops)} per step counted over "
+                "every block of their grids (more than a causal mask computes), are added "
+                f"at peak: {_seconds(kernel_seconds)} of the {_seconds(seconds + kernel_seconds)}"
+            )
     if "optimal_seconds_invalid" in stats:
         notes.append(
             "the TPU compiler gave no usable step-time estimate (optimal_seconds = "

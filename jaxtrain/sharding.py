@@ -214,12 +214,23 @@ def use_rules(rules: Rules | None):
         _ACTIVE.rules = previous
 
 
-def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
-    """Constrains an activation's sharding by logical axis names (no-op without a mesh)."""
+def active_spec(logical_axes: Sequence[str | None]) -> PartitionSpec | None:
+    """The PartitionSpec of logical axis names under the active rules and mesh, or None.
+
+    None when tracing without a mesh (`jax.set_mesh`) or rules (`use_rules`): the caller
+    then runs unsharded. For models that place an array themselves (`constrain`) or
+    split work over the mesh by hand (`jax.shard_map`, as the splash attention kernel).
+    """
     rules = _ACTIVE.rules
     if rules is None or not rules.table or jax.sharding.get_abstract_mesh().empty:
-        return x
-    return jax.lax.with_sharding_constraint(x, rules.spec(logical_axes))
+        return None
+    return rules.spec(logical_axes)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """Constrains an activation's sharding by logical axis names (no-op without a mesh)."""
+    spec = active_spec(logical_axes)
+    return x if spec is None else jax.lax.with_sharding_constraint(x, spec)
 
 
 def batch_axes(ndim: int) -> tuple[str | None, ...]:

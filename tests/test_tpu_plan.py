@@ -78,6 +78,7 @@ def test_compiler_estimate_adds_the_loop_trips_and_gives_mfu(scanned, unrolled):
     assert estimate["step_time_s"] > 2 * estimate["step_time_s_loops_once"] > 0
     ratio = scanned["xla_flops_per_device"] / scanned["xla_flops_per_device_loops_once"]
     assert estimate["step_time_s"] == pytest.approx(estimate["step_time_s_loops_once"] * ratio)
+    assert estimate["pallas_kernel_flops"] == 0  # 32 tokens: "auto" attention is XLA's
     twin = unrolled["compiler_estimate"]
     assert twin["step_time_s"] == twin["step_time_s_loops_once"] > 0  # nothing to add
     assert estimate["mfu"] == pytest.approx(
@@ -151,3 +152,35 @@ def test_cli_lays_out_a_mesh_that_splits_a_physical_axis():
     result = json.loads(proc.stdout)
     assert result["source"] == "tpu-aot"
     assert result["mesh"] == {"data": 2, "fsdp": 8, "sequence": 1, "tensor": 2}
+
+
+def test_splash_attention_kernels_are_priced_by_their_matmuls():
+    # Pallas kernels are one opaque custom call to the TPU compiler, priced by their bytes:
+    # the plan adds their matmuls at peak, counted over every block (jaxtrain/pallas_flops).
+    config = load_config(
+        "gpt_pysource",
+        "smoke",
+        mesh=MESH,
+        data__seq_len=256,
+        model__head_dim=64,
+        model__attention_impl="auto",  # splash on TPU at a multiple of 128 tokens
+        model__remat="full",
+    )
+    result = plan.make_plan(config, "v5p-8")
+    estimate = result["compiler_estimate"]
+    model = config.model
+    # Per device: the batch split over FSDP, the heads over tensor (MESH).
+    batch, heads = config.global_batch_size // 2, model.num_heads // 2
+    full_grid_matmul = 2 * batch * heads * 256 * 256 * model.head_dim
+    # Per layer: forward (2 matmuls), its recomputation under full remat (2), the
+    # backward's dK/dV kernel (4) and dQ kernel (3).
+    want = model.num_layers * (2 + 2 + 4 + 3) * full_grid_matmul
+    assert estimate["pallas_kernel_flops"] == want
+    assert estimate["pallas_kernel_s"] == pytest.approx(want / 459e12)
+    assert estimate["step_time_s"] == pytest.approx(
+        estimate["step_time_s_compiler"] + estimate["pallas_kernel_s"]
+    )
+    assert estimate["mfu"] == pytest.approx(
+        result["model_flops_per_device"] / (estimate["step_time_s"] * 459e12)
+    )
+    assert any("splash_mha_fwd" in note and "at peak" in note for note in result["notes"])

@@ -34,10 +34,13 @@ _KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", Non
 # each decoding step reads all of it.
 _CACHE = ("activation_batch", None, "activation_kv_heads", None)
 
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # see models/attention.py
+
 # What the backward pass may keep from the forward pass of a block, by config name:
 # "none" keeps everything (fastest, most memory), "full" keeps only the block's input and
 # recomputes the rest, "save_dots" keeps matmul outputs and recomputes the cheap
-# elementwise work between them.
+# elementwise work between them (and splash attention's forward kernel: its output is no
+# dot, and naming its residuals for the policy to keep, tried, did not stop the rerun).
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -77,8 +80,7 @@ class Attention(nnx.Module):
         rngs,
     ):
         self.rope_base = rope_base
-        # "auto" is XLA: jax's own "auto" picks XLA too (cuDNN only when asked for).
-        self.attention_impl = "xla" if attention_impl == "auto" else attention_impl
+        self.attention_impl = attention_impl  # "auto": see models/attention.py
         std = embed_dim**-0.5
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.query = nnx.Einsum(
@@ -211,7 +213,7 @@ class GPTConfig:
     mlp_dim: int
     rope_base: float
     dropout_rate: float
-    attention_impl: str  # "xla", "cudnn" or "auto" (XLA; see models/attention.py)
+    attention_impl: str  # "auto", "xla", "cudnn" (GPU) or "splash" (TPU); models/attention.py
     scan_layers: bool  # stack the blocks' weights and scan over them
     remat: str  # "none", "full" or "save_dots"
 
@@ -232,9 +234,9 @@ class GPTConfig:
             raise ValueError(f"rope_base={self.rope_base!r} must be positive")
         if not 0 <= self.dropout_rate < 1:
             raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
-        if self.attention_impl not in ("auto", "xla", "cudnn"):
+        if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
-                f"attention_impl={self.attention_impl!r}; choose one of ['auto', 'xla', 'cudnn']"
+                f"attention_impl={self.attention_impl!r}; choose one of {list(ATTENTION_IMPLS)}"
             )
         if self.remat != "none" and self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {['none', *REMAT_POLICIES]}")
