@@ -71,7 +71,7 @@ def make_plan(
     if isinstance(topology, str):
         topology = parse_topology(topology, chips)
     chip = topology.chip
-    devices, source, notes = target_devices(topology)
+    devices, source, notes = target_devices(topology, chips)
     config = config_for_platform(config, chip.platform)
     config_lib.validate(config)
     task = task or tasks_lib.from_config(config)

@@ -34,7 +34,7 @@ from jax.experimental import mesh_utils
 
 from jaxtrain import sharding
 from jaxtrain.errors import ConfigError
-from jaxtrain.hardware import CHIPS, Chip
+from jaxtrain.hardware import CHIPS, Chip, chip_for_device_kind
 
 _TOPOLOGY = re.compile(
     r"(?P<chip>[a-z][a-z0-9_]*?)(?:-(?P<count>\d+)|x(?P<gpus>\d+)(?:x(?P<hosts>\d+))?)"
@@ -100,8 +100,15 @@ def parse_topology(name: str, chips: dict[str, Chip] | None = None) -> Topology:
     return Topology(name, chip_name, chip, num_devices, hosts)
 
 
-def target_devices(topology: Topology) -> tuple[list, str, list[str]]:
+def target_devices(
+    topology: Topology, chips: dict[str, Chip] | None = None
+) -> tuple[list, str, list[str]]:
     """Devices to compile for, in the order of the module docstring.
+
+    Args:
+      topology: the target.
+      chips: the table `topology` was parsed with; CHIPS by default. An attached device
+        is the target's when the table's lookup names the target's chip for it.
 
     Returns:
       (devices, source, notes): `topology.num_devices` devices; source is "attached",
@@ -120,8 +127,7 @@ def target_devices(topology: Topology) -> tuple[list, str, list[str]]:
         attached = [
             d
             for d in jax.devices()
-            if d.platform == chip.platform
-            and any(d.device_kind.startswith(kind) for kind in chip.device_kinds)
+            if d.platform == chip.platform and chip_for_device_kind(d.device_kind, chips) is chip
         ]
         if len(attached) >= n:
             return attached[:n], "attached", notes
