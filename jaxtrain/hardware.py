@@ -1,10 +1,11 @@
-"""The accelerators jaxtrain knows: memory, dense bf16 peak and power per device, one lookup.
+"""The accelerators jaxtrain knows: memory, dense 16-bit peak and power per device, one lookup.
 
-MFU (model FLOPs utilisation) divides by a chip's peak; `jaxtrain plan` checks fit against
-its memory; the energy estimate (`jaxtrain.energy`) multiplies its power by time where
-nothing measures it. All read this one table, through one lookup (`chip_for_device_kind`).
-A device that matches no entry (CPUs included) has no peak and no power: MFU is then left
-out, not guessed.
+MFU (model FLOPs utilisation) divides by a chip's peak: the dense peak of the 16-bit type
+that `compute_dtype="auto"` computes in on it (bfloat16; float16 on T4 and V100, which
+have no bfloat16 units). `jaxtrain plan` checks fit against its memory; the energy
+estimate (`jaxtrain.energy`) multiplies its power by time where nothing measures it. All
+read this one table, through one lookup (`chip_for_device_kind`). A device that matches
+no entry (CPUs included) has no peak and no power: MFU is then left out, not guessed.
 """
 
 import dataclasses
@@ -18,7 +19,10 @@ class Chip:
 
     platform: str  # "tpu", "gpu" or "cpu"
     memory_bytes: int | None  # per device; None: no limit worth checking (CPU)
-    peak_bf16_flops: float | None  # dense, no sparsity, per device; None: unknown
+    # Dense (no sparsity) peak FLOP/s per device of the 16-bit type compute_dtype="auto"
+    # computes in here (`jaxtrain.precision.auto_compute_dtype`): bfloat16, or float16 on
+    # GPUs without bfloat16 units (T4, V100). None: unknown, and MFU is left out.
+    peak_flops_16bit: float | None
     # Leading words of jax's `device.device_kind` that name this chip ("NVIDIA A100"
     # names "NVIDIA A100-SXM4-80GB"; "NVIDIA L4" does not name "NVIDIA L40S").
     device_kinds: tuple[str, ...] = ()
@@ -30,7 +34,35 @@ class Chip:
     tdp_watts: float | None = None
 
 
-# From the vendors' spec sheets: TPU HBM in GiB, GPU memory in (decimal) GB.
+# Memory: TPU HBM in GiB, GPU memory in (decimal) GB, as the vendors print them. Peaks are
+# dense: NVIDIA's tables print sparse ("with sparsity") figures, twice these. Sources:
+#   v4       cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB per chip (megacore)
+#   v5e      cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GB
+#   v5p, v6e docs.cloud.google.com/tpu/docs/tpu7x (its table has both): per chip
+#            459 / 918 TFLOPs bf16, 95 / 32 GiB
+#   h100     NVIDIA H100 SXM: 1,979 TFLOPS bf16 sparse, 80 GB, 700 W (NVIDIA's table as
+#            archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html reprints it)
+#   h100_pcie  same table: 1,513 sparse, 80 GB, 300-350 W (350: the H100 PCIe product
+#            brief PB-11133-001, manuals.plus mirror)
+#   h200     H100's compute (glennklockwood.com/garden/processors/h100), 141 GB, 700 W
+#   a100     NVIDIA A100: 624 TFLOPS bf16 sparse, SXM 400 W (yobitel.com/knowledge-base/
+#            nvidia-a100); 80 GB and 40 GB models
+#   b200     docs.nvidia.com/nim/bionemo/boltz2/1.8.0/support-matrix.html: 180 GB; HGX
+#            B200 at 1,000 W: 2,250 TFLOPS bf16 dense (glennklockwood.com/garden/
+#            processors/B200, from NVIDIA's Blackwell brief); 1,000 W TGP (MLCommons
+#            inference v6.0 results, Nebius B200 system)
+#   gb200    same support matrix: 186 GB; the GB200 variant at 1,200 W: 2,500 TFLOPS
+#            bf16 dense (glennklockwood.com/garden/processors/B200)
+#   l4       NVIDIA L4: 242 TFLOPS fp16/bf16 sparse, 24 GB, 72 W (NVIDIA's figures as
+#            grokipedia.com/page/NVIDIA_L4_vs_L40S cites them)
+#   a10g     AWS's A10 variant, 24 GB (docs.aws.amazon.com/batch/latest/userguide/
+#            gpu-jobs.html). Neither NVIDIA nor AWS publishes its tensor peak (below the
+#            A10's 125 TFLOPS) or its power: both left unknown, not guessed.
+#   t4       NVIDIA T4: 65 TFLOPS fp16 (mixed precision), 16 GB, 70 W
+#            (huggingface.co/hardware/t4; sysrqmts.com/en/gpus/nvidia/tesla/t4)
+#   v100     V100 SXM2: 125 Tensor TFLOPS fp16 (developer.nvidia.com/
+#            programming-tensor-cores-cuda-9-0), 16 GB, 300 W; the PCIe card's 112 TFLOPS
+#            and 250 W (io-tech.fi) read as SXM2's
 CHIPS = {
     "v4": Chip(
         "tpu", 32 * GiB, 275e12, ("TPU v4",), cores_per_device=2, tpu_name="v4", tdp_watts=200
@@ -47,8 +79,12 @@ CHIPS = {
         tdp_watts=400,
     ),
     "v6e": Chip("tpu", 32 * GiB, 918e12, ("TPU v6 lite", "TPU v6e"), tpu_name="v6e", tdp_watts=300),
-    # SXM boards' TDPs.
+    # SXM boards, except h100_pcie.
+    "b200": Chip("gpu", 180 * 10**9, 2250e12, ("NVIDIA B200",), tdp_watts=1000),
+    "gb200": Chip("gpu", 186 * 10**9, 2500e12, ("NVIDIA GB200",), tdp_watts=1200),
     "h100": Chip("gpu", 80 * 10**9, 989e12, ("NVIDIA H100",), tdp_watts=700),
+    # "NVIDIA H100 NVL" (835 TFLOPS) has no entry of its own: it reads as h100.
+    "h100_pcie": Chip("gpu", 80 * 10**9, 756e12, ("NVIDIA H100 PCIe",), tdp_watts=350),
     "h200": Chip("gpu", 141 * 10**9, 989e12, ("NVIDIA H200",), tdp_watts=700),
     "a100": Chip("gpu", 80 * 10**9, 312e12, ("NVIDIA A100",), tdp_watts=400),
     # The 40 GB models are named so; every other A100 reads as a100 (80 GB).
@@ -59,6 +95,12 @@ CHIPS = {
         ("NVIDIA A100-SXM4-40GB", "NVIDIA A100-PCIE-40GB"),
         tdp_watts=400,
     ),
+    "l4": Chip("gpu", 24 * 10**9, 121e12, ("NVIDIA L4",), tdp_watts=72),
+    "a10g": Chip("gpu", 24 * 10**9, None, ("NVIDIA A10G",)),
+    # float16 peaks: no bfloat16 on these (see above).
+    "t4": Chip("gpu", 16 * 10**9, 65e12, ("Tesla T4",), tdp_watts=70),
+    # One entry for every V100 (SXM2 or PCIe, 16 or 32 GB): the 16 GB SXM2's figures.
+    "v100": Chip("gpu", 16 * 10**9, 125e12, ("Tesla V100",), tdp_watts=300),
     "cpu": Chip("cpu", None, None),
 }
 
@@ -86,9 +128,9 @@ def chip_for_device_kind(device_kind: str, chips: dict[str, Chip] | None = None)
 
 
 def peak_flops(device) -> float | None:
-    """Dense bf16 peak FLOP/s of one jax device, or None when its kind is unknown."""
+    """Dense 16-bit peak FLOP/s of one jax device (`Chip.peak_flops_16bit`), or None."""
     chip = chip_for_device_kind(device.device_kind)
-    return chip.peak_bf16_flops if chip else None
+    return chip.peak_flops_16bit if chip else None
 
 
 def tdp_watts(device) -> float | None:

@@ -5,7 +5,8 @@ Topology names (case-insensitive), one JAX device per chip or GPU:
     v4-8 v5p-64     TPU v4, v5p: the number counts TensorCores, two per chip (v5p-64 = 32 chips)
     v5e-16 v6e-256  TPU v5e, v6e: the number counts chips
     h100x8          8 GPUs on one host; h100x8x4 is 8 GPUs per host on 4 hosts (32 GPUs).
-                    Chips: h100, h200, a100 (80 GB), a100_40gb
+                    GPUs: b200, gb200, h100, h100_pcie, h200, a100 (80 GB), a100_40gb, l4,
+                    a10g, t4, v100
     cpu-8           8 CPU devices
 
 Where a step is compiled, first that applies (`target_devices`):

@@ -1,12 +1,13 @@
-"""The chip table: which entry a device kind names."""
+"""The chip table: which entry a device kind names, its peak's dtype, topology names."""
 
 import importlib.util
 import types
 
 import jax
+import jax.numpy as jnp
 import pytest
 
-from jaxtrain import hardware, topology
+from jaxtrain import hardware, precision, topology
 from jaxtrain.hardware import CHIPS
 
 
@@ -14,13 +15,22 @@ from jaxtrain.hardware import CHIPS
     "kind, chip",
     [
         # As jax (CUDA's device name) and libtpu report them.
+        ("NVIDIA B200", "b200"),
+        ("NVIDIA GB200", "gb200"),
         ("NVIDIA H100 80GB HBM3", "h100"),
-        ("NVIDIA H100 PCIe", "h100"),
+        ("NVIDIA H100 NVL", "h100"),  # no entry of its own
+        ("NVIDIA H100 PCIe", "h100_pcie"),
         ("NVIDIA H200", "h200"),
         ("NVIDIA A100-SXM4-80GB", "a100"),
         ("NVIDIA A100 80GB PCIe", "a100"),
         ("NVIDIA A100-SXM4-40GB", "a100_40gb"),
         ("NVIDIA A100-PCIE-40GB", "a100_40gb"),
+        ("NVIDIA A10G", "a10g"),
+        ("NVIDIA L4", "l4"),
+        ("Tesla T4", "t4"),
+        ("Tesla V100-SXM2-16GB", "v100"),
+        ("Tesla V100-SXM2-32GB", "v100"),
+        ("Tesla V100-PCIE-16GB", "v100"),
         ("TPU v4", "v4"),
         ("TPU v5 lite", "v5e"),
         ("TPU v5", "v5p"),
@@ -35,9 +45,11 @@ def test_device_kinds_name_their_chip(kind, chip):
 @pytest.mark.parametrize(
     "kind",
     [
-        "NVIDIA A10",  # the A10: not an A100
-        "NVIDIA A100X",
-        "NVIDIA GH200 480GB",  # not an H200
+        "NVIDIA A10",  # the A10 itself: neither an A100 nor an A10G
+        "NVIDIA L40S",  # "NVIDIA L4" is not its leading word
+        "NVIDIA L40",
+        "Tesla V100S-PCIE-32GB",  # a V100S (130 TFLOPS), not a V100
+        "NVIDIA GH200 480GB",  # neither a GB200 nor an H200
         "NVIDIA GeForce RTX 4090",
         "AMD Instinct MI300X",
         "TPU v6",
@@ -59,6 +71,47 @@ def test_longest_prefix_wins_and_a_tie_goes_to_the_first_entry():
     assert hardware.chip_for_device_kind("X A-1 rev2", chips) is longer
     assert hardware.chip_for_device_kind("X A-2", chips) is short
     assert hardware.chip_for_device_kind("X AB", chips) is None
+
+
+def test_t4_and_v100_mfu_divides_by_their_float16_peak():
+    # No bfloat16 units: "auto" computes in float16 there, so the peak is float16's.
+    t4 = types.SimpleNamespace(platform="gpu", device_kind="Tesla T4", compute_capability="7.5")
+    v100 = types.SimpleNamespace(
+        platform="gpu", device_kind="Tesla V100-SXM2-16GB", compute_capability="7.0"
+    )
+    assert precision.resolve_dtype("auto", device=t4) == jnp.float16
+    assert precision.resolve_dtype("auto", device=v100) == jnp.float16
+    assert hardware.peak_flops(t4) == 65e12
+    assert hardware.peak_flops(v100) == 125e12
+
+
+@pytest.mark.parametrize("name", sorted(CHIPS))
+def test_every_peak_is_of_the_dtype_auto_computes_in(name):
+    # The table's float16 chips are exactly those the precision rule gives float16.
+    chip = CHIPS[name]
+    expected = jnp.float16 if name in ("t4", "v100") else jnp.bfloat16
+    for kind in chip.device_kinds:
+        assert precision.auto_compute_dtype(chip.platform, kind) == expected
+    if chip.platform != "cpu":
+        assert chip.device_kinds, name
+        assert chip.peak_flops_16bit is None or 1e13 < chip.peak_flops_16bit < 1e16
+
+
+@pytest.mark.parametrize(
+    "name, chip, devices, hosts",
+    [
+        ("b200x8", "b200", 8, 1),
+        ("gb200x4x18", "gb200", 72, 18),
+        ("h100_pciex2", "h100_pcie", 2, 1),
+        ("l4x8", "l4", 8, 1),
+        ("a10gx4", "a10g", 4, 1),
+        ("t4x1", "t4", 1, 1),
+        ("v100x8x2", "v100", 16, 2),
+    ],
+)
+def test_new_topology_names_parse(name, chip, devices, hosts):
+    parsed = topology.parse_topology(name)
+    assert (parsed.chip_name, parsed.num_devices, parsed.num_hosts) == (chip, devices, hosts)
 
 
 def test_attached_devices_are_the_targets_chip_by_the_same_lookup(monkeypatch):
