@@ -15,7 +15,7 @@ GiB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One accelerator (one JAX device)."""
+    """One accelerator, per JAX device: a GPU, a TPU chip, or half a TPU7x chip."""
 
     platform: str  # "tpu", "gpu" or "cpu"
     memory_bytes: int | None  # per device; None: no limit worth checking (CPU)
@@ -26,8 +26,10 @@ class Chip:
     # Leading words of jax's `device.device_kind` that name this chip ("NVIDIA A100"
     # names "NVIDIA A100-SXM4-80GB"; "NVIDIA L4" does not name "NVIDIA L40S").
     device_kinds: tuple[str, ...] = ()
-    cores_per_device: int = 1  # TensorCores a TPU topology name counts per device
+    cores_per_device: int = 1  # TensorCores per JAX device: 2 where megacore joins them
+    devices_per_chip: int = 1  # JAX devices per TPU chip: 2 on TPU7x, one per chiplet
     tpu_name: str = ""  # libtpu's name for the generation ("v5e" in "v5e:4x4")
+    slice_dims: int = 2  # a TPU slice's chip grid: 2D (v5e, v6e) or 3D (v4, v5p, TPU7x)
     # Power per device for energy estimates: the vendor's TDP (board power) for GPUs.
     # Google publishes no TDP for TPUs: theirs are rough public figures, good to about
     # +-30%. Override with config.energy.device_watts.
@@ -38,8 +40,10 @@ class Chip:
 # dense: NVIDIA's tables print sparse ("with sparsity") figures, twice these. Sources:
 #   v4       cloud.google.com/tpu/docs/v4: 275 TFLOPs bf16, 32 GiB per chip (megacore)
 #   v5e      cloud.google.com/tpu/docs/v5e: 197 TFLOPs bf16, 16 GB
-#   v5p, v6e docs.cloud.google.com/tpu/docs/tpu7x (its table has both): per chip
-#            459 / 918 TFLOPs bf16, 95 / 32 GiB
+#   v5p, v6e, tpu7x  docs.cloud.google.com/tpu/docs/tpu7x (table of all three): per chip
+#            459 / 918 / 2307 TFLOPs bf16, 95 / 32 / 192 GiB. A TPU7x chip is two JAX
+#            devices (device_kind "TPU7x"; libtpu's compile-only devices show 2 per chip
+#            and refuse a program over 94.75 GiB on one): half of each per device.
 #   h100     NVIDIA H100 SXM: 1,979 TFLOPS bf16 sparse, 80 GB, 700 W (NVIDIA's table as
 #            archive-lib.hpctech.co.jp/gpuproduct/nvidia-h100.html reprints it)
 #   h100_pcie  same table: 1,513 sparse, 80 GB, 300-350 W (350: the H100 PCIe product
@@ -65,7 +69,14 @@ class Chip:
 #            and 250 W (io-tech.fi) read as SXM2's
 CHIPS = {
     "v4": Chip(
-        "tpu", 32 * GiB, 275e12, ("TPU v4",), cores_per_device=2, tpu_name="v4", tdp_watts=200
+        "tpu",
+        32 * GiB,
+        275e12,
+        ("TPU v4",),
+        cores_per_device=2,
+        tpu_name="v4",
+        slice_dims=3,
+        tdp_watts=200,
     ),
     "v5e": Chip("tpu", 16 * GiB, 197e12, ("TPU v5 lite", "TPU v5e"), tpu_name="v5e", tdp_watts=200),
     # Some runtimes report v5p as plain "TPU v5"; the longest prefix wins over v5e's.
@@ -76,9 +87,20 @@ CHIPS = {
         ("TPU v5p", "TPU v5"),
         cores_per_device=2,
         tpu_name="v5",
+        slice_dims=3,
         tdp_watts=400,
     ),
     "v6e": Chip("tpu", 32 * GiB, 918e12, ("TPU v6 lite", "TPU v6e"), tpu_name="v6e", tdp_watts=300),
+    # Ironwood. Google publishes no power figure for it.
+    "tpu7x": Chip(
+        "tpu",
+        96 * GiB,
+        2307e12 / 2,
+        ("TPU7x",),
+        devices_per_chip=2,
+        tpu_name="tpu7x",
+        slice_dims=3,
+    ),
     # SXM boards, except h100_pcie.
     "b200": Chip("gpu", 180 * 10**9, 2250e12, ("NVIDIA B200",), tdp_watts=1000),
     "gb200": Chip("gpu", 186 * 10**9, 2500e12, ("NVIDIA GB200",), tdp_watts=1200),

@@ -173,6 +173,7 @@ def make_plan(
         "chip": topology.chip_name,
         "platform": chip.platform,
         "num_devices": topology.num_devices,
+        "devices_per_chip": chip.devices_per_chip,  # 2 on TPU7x: a device per TensorCore
         "num_hosts": topology.num_hosts,
         "source": source,
         "model": task.name,
@@ -215,9 +216,11 @@ def format_plan(plan: dict) -> str:
     """The plan as a few human-readable lines."""
     memory = plan["memory"]
     hosts = f" on {plan['num_hosts']} hosts" if (plan["num_hosts"] or 1) > 1 else ""
+    noun = _DEVICE_NOUNS[plan["platform"]]
+    if plan["devices_per_chip"] > 1:
+        noun = f"devices ({plan['num_devices'] // plan['devices_per_chip']} chips)"
     lines = [
-        f"plan for {plan['topology']}: {plan['num_devices']} {plan['chip']} "
-        f"{_DEVICE_NOUNS[plan['platform']]}{hosts} | "
+        f"plan for {plan['topology']}: {plan['num_devices']} {plan['chip']} {noun}{hosts} | "
         f"compiled for {_SOURCES[plan['source']]}",
         f"model {plan['model']}: {plan['num_parameters']:,} parameters | mesh {plan['mesh']} | "
         f"global batch {plan['global_batch_size']} | compute {plan['compute_dtype']}",

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 from jaxtrain import hardware, precision, topology
+from jaxtrain.errors import ConfigError
 from jaxtrain.hardware import CHIPS
 
 
@@ -36,6 +37,7 @@ from jaxtrain.hardware import CHIPS
         ("TPU v5", "v5p"),
         ("TPU v5p", "v5p"),
         ("TPU v6 lite", "v6e"),
+        ("TPU7x", "tpu7x"),
     ],
 )
 def test_device_kinds_name_their_chip(kind, chip):
@@ -97,6 +99,14 @@ def test_every_peak_is_of_the_dtype_auto_computes_in(name):
         assert chip.peak_flops_16bit is None or 1e13 < chip.peak_flops_16bit < 1e16
 
 
+def test_tpu7x_device_is_half_a_chip():
+    chip = CHIPS["tpu7x"]
+    # Per chip: 2307 TFLOPS bf16 and 192 GiB (Google's table), two devices.
+    assert chip.devices_per_chip == 2 and chip.cores_per_device == 1
+    assert chip.peak_flops_16bit * 2 == 2307e12
+    assert chip.memory_bytes * 2 == 192 * hardware.GiB
+
+
 @pytest.mark.parametrize(
     "name, chip, devices, hosts",
     [
@@ -107,11 +117,35 @@ def test_every_peak_is_of_the_dtype_auto_computes_in(name):
         ("a10gx4", "a10g", 4, 1),
         ("t4x1", "t4", 1, 1),
         ("v100x8x2", "v100", 16, 2),
+        ("tpu7x-8", "tpu7x", 8, None),  # TensorCores, each a device: 4 chips
+        ("TPU7X-2", "tpu7x", 2, None),
     ],
 )
 def test_new_topology_names_parse(name, chip, devices, hosts):
     parsed = topology.parse_topology(name)
     assert (parsed.chip_name, parsed.num_devices, parsed.num_hosts) == (chip, devices, hosts)
+
+
+def test_tpu7x_counts_tensorcores_two_per_chip():
+    with pytest.raises(ConfigError, match="tpu7x-N counts TensorCores, 2 per chip"):
+        topology.parse_topology("tpu7x-3")
+    with pytest.raises(ConfigError, match="did you mean 'tpu7x'"):
+        topology.parse_topology("v7x-8")
+
+
+@pytest.mark.parametrize(
+    "name, dims",
+    [
+        ("tpu7x-2", [1, 1, 1]),
+        ("tpu7x-8", [2, 2, 1]),  # one host's 2x2x1 chips
+        ("tpu7x-16", [2, 2, 2]),
+        ("tpu7x-64", [2, 4, 4]),
+        ("v5p-64", [2, 4, 4]),  # the same slice in v5p's count (megacore)
+        ("v6e-8", [2, 4]),
+    ],
+)
+def test_slice_shape_is_in_chips(name, dims):
+    assert topology.tpu_slice_shape(topology.parse_topology(name))[0] == dims
 
 
 def test_attached_devices_are_the_targets_chip_by_the_same_lookup(monkeypatch):
