@@ -37,11 +37,12 @@ from jaxtrain.topology import Topology, parse_topology, physical_order, target_d
 __all__ = ["Topology", "config_for_platform", "format_plan", "make_plan", "parse_topology"]
 
 
-def config_for_platform(config, platform: str):
-    """A copy of `config` with "auto" dtypes resolved as they would be on `platform`."""
+def config_for_platform(config, platform: str, device_kind: str = ""):
+    """A copy of `config` with "auto" dtypes resolved as they would be on `platform`
+    (for a GPU, on one of `device_kind`: float16 on a T4 or V100)."""
     config = copy.deepcopy(config)
     for field in ("compute_dtype", "param_dtype"):
-        dtype = precision.resolve_dtype(config.precision[field], platform)
+        dtype = precision.resolve_dtype(config.precision[field], platform, device_kind=device_kind)
         config.precision[field] = jnp.dtype(dtype).name
     return config
 
@@ -72,8 +73,9 @@ def make_plan(
     if isinstance(topology, str):
         topology = parse_topology(topology, chips)
     chip = topology.chip
-    devices, source, notes = target_devices(topology)
-    config = config_for_platform(config, chip.platform)
+    devices, source, notes = target_devices(topology, chips)
+    kind = chip.device_kinds[0] if chip.device_kinds else ""
+    config = config_for_platform(config, chip.platform, kind)
     config_lib.validate(config)
     task = task or tasks_lib.from_config(config)
     if source == "tpu-aot":
@@ -138,7 +140,7 @@ def make_plan(
         task.flops_per_example, layout, config.global_batch_size, stats
     )
     model_flops = flops if flops_source == "model" else None
-    peak = chip.peak_bf16_flops
+    peak = chip.peak_flops_16bit
     estimate = None
     if chip.platform == "tpu" and source != "cpu-simulated" and "optimal_seconds" in stats:
         seconds = stats["optimal_seconds_per_step"]
@@ -189,6 +191,7 @@ def make_plan(
         "chip": topology.chip_name,
         "platform": chip.platform,
         "num_devices": topology.num_devices,
+        "devices_per_chip": chip.devices_per_chip,  # 2 on TPU7x: a device per TensorCore
         "num_hosts": topology.num_hosts,
         "source": source,
         "model": task.name,
@@ -203,7 +206,8 @@ def make_plan(
         "xla_flops_per_device": stats.get("flops_per_step"),  # every loop trip counted
         "xla_flops_per_device_loops_once": stats.get("flops"),  # as cost_analysis() reports
         "loops": counts.loops if counts else None,
-        "peak_flops": peak,
+        "peak_flops": peak,  # dense, of the 16-bit type "auto" computes in on the chip
+        "peak_dtype": jnp.dtype(precision.auto_compute_dtype(chip.platform, kind)).name,
         "step_time_s": (
             {"mfu_100": flops / peak, "mfu_40": flops / (0.4 * peak)} if flops and peak else None
         ),
@@ -230,9 +234,11 @@ def format_plan(plan: dict) -> str:
     """The plan as a few human-readable lines."""
     memory = plan["memory"]
     hosts = f" on {plan['num_hosts']} hosts" if (plan["num_hosts"] or 1) > 1 else ""
+    noun = _DEVICE_NOUNS[plan["platform"]]
+    if plan["devices_per_chip"] > 1:
+        noun = f"devices ({plan['num_devices'] // plan['devices_per_chip']} chips)"
     lines = [
-        f"plan for {plan['topology']}: {plan['num_devices']} {plan['chip']} "
-        f"{_DEVICE_NOUNS[plan['platform']]}{hosts} | "
+        f"plan for {plan['topology']}: {plan['num_devices']} {plan['chip']} {noun}{hosts} | "
         f"compiled for {_SOURCES[plan['source']]}",
         f"model {plan['model']}: {plan['num_parameters']:,} parameters | mesh {plan['mesh']} | "
         f"global batch {plan['global_batch_size']} | compute {plan['compute_dtype']}",
@@ -251,8 +257,9 @@ def format_plan(plan: dict) -> str:
     if plan["step_time_s"]:
         times = plan["step_time_s"]
         lines.append(
-            f"  at {_flop(plan['peak_flops'])}/s bf16 peak: {_seconds(times['mfu_100'])} at "
-            f"100% MFU, {_seconds(times['mfu_40'])} at 40% ({plan['flops_source']} FLOPs)"
+            f"  at {_flop(plan['peak_flops'])}/s {plan['peak_dtype']} peak: "
+            f"{_seconds(times['mfu_100'])} at 100% MFU, {_seconds(times['mfu_40'])} at 40% "
+            f"({plan['flops_source']} FLOPs)"
         )
     estimate = plan["compiler_estimate"]
     if estimate:

@@ -52,21 +52,22 @@ def auto_compute_dtype(platform: str, device_kind: str = "", compute_capability=
     return jnp.bfloat16
 
 
-def resolve_dtype(name: str, platform: str | None = None, device=None):
+def resolve_dtype(name: str, platform: str | None = None, device=None, device_kind: str = ""):
     """Maps a config dtype name to a jnp dtype.
 
     Args:
       name: "auto", "float32", "bfloat16" or "float16".
-      platform: for "auto" without a device (planning for a target): its platform; a
-        "gpu" is then taken to be one with bfloat16 (the planner's GPUs all are).
+      platform: for "auto" without a device (planning for a target): its platform.
       device: for "auto": the device to compute on; default `jax.devices()[0]`.
+      device_kind: with `platform`, the target's device kind: a GPU is taken to have
+        bfloat16 unless its name says otherwise ("Tesla T4").
 
     Raises:
       ConfigError: an unknown name.
     """
     if name == "auto":
         if platform is not None and device is None:
-            return auto_compute_dtype(platform)
+            return auto_compute_dtype(platform, device_kind)
         device = device or jax.devices()[0]
         return auto_compute_dtype(
             device.platform, device.device_kind, getattr(device, "compute_capability", None)

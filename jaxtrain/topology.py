@@ -1,11 +1,16 @@
 """Named topologies (v5p-64, v6e-8, h100x8x4, cpu-8) and the devices to compile for them.
 
-Topology names (case-insensitive), one JAX device per chip or GPU:
+Topology names (case-insensitive): a chip of `jaxtrain.hardware.CHIPS` and a count, the
+TPU ones as Cloud TPU names slices:
 
-    v4-8 v5p-64     TPU v4, v5p: the number counts TensorCores, two per chip (v5p-64 = 32 chips)
-    v5e-16 v6e-256  TPU v5e, v6e: the number counts chips
+    v4-8 v5p-64     TPU v4, v5p: the number counts TensorCores, two per chip and one JAX
+                    device per chip (v5p-64 = 32 chips, 32 devices)
+    tpu7x-8         TPU7x (Ironwood): the number counts TensorCores, two per chip, and each
+                    TensorCore is a JAX device (tpu7x-8 = 4 chips, 8 devices)
+    v5e-16 v6e-256  TPU v5e, v6e: the number counts chips, one TensorCore and device each
     h100x8          8 GPUs on one host; h100x8x4 is 8 GPUs per host on 4 hosts (32 GPUs).
-                    Chips: h100, h200, a100 (80 GB), a100_40gb
+                    GPUs: b200, gb200, h100, h100_pcie, h200, a100 (80 GB), a100_40gb, l4,
+                    a10g, t4, v100
     cpu-8           8 CPU devices
 
 Where a step is compiled, first that applies (`target_devices`):
@@ -34,7 +39,7 @@ from jax.experimental import mesh_utils
 
 from jaxtrain import sharding
 from jaxtrain.errors import ConfigError
-from jaxtrain.hardware import CHIPS, Chip
+from jaxtrain.hardware import CHIPS, Chip, chip_for_device_kind
 
 _TOPOLOGY = re.compile(
     r"(?P<chip>[a-z][a-z0-9_]*?)(?:-(?P<count>\d+)|x(?P<gpus>\d+)(?:x(?P<hosts>\d+))?)"
@@ -88,11 +93,11 @@ def parse_topology(name: str, chips: dict[str, Chip] | None = None) -> Topology:
         if match["count"] is None:
             raise ConfigError(f"topology {name!r} is written {chip_name}-N")
         hosts, count = None, int(match["count"])
-        if count % chip.cores_per_device:
+        cores_per_chip = chip.cores_per_device * chip.devices_per_chip
+        if count % cores_per_chip:
             raise ConfigError(
                 f"topology {name!r}: {chip_name}-N counts TensorCores, "
-                f"{chip.cores_per_device} per chip, so N must be a multiple of "
-                f"{chip.cores_per_device}"
+                f"{cores_per_chip} per chip, so N must be a multiple of {cores_per_chip}"
             )
         num_devices = count // chip.cores_per_device
     if num_devices < 1:
@@ -100,8 +105,15 @@ def parse_topology(name: str, chips: dict[str, Chip] | None = None) -> Topology:
     return Topology(name, chip_name, chip, num_devices, hosts)
 
 
-def target_devices(topology: Topology) -> tuple[list, str, list[str]]:
+def target_devices(
+    topology: Topology, chips: dict[str, Chip] | None = None
+) -> tuple[list, str, list[str]]:
     """Devices to compile for, in the order of the module docstring.
+
+    Args:
+      topology: the target.
+      chips: the table `topology` was parsed with; CHIPS by default. An attached device
+        is the target's when the table's lookup names the target's chip for it.
 
     Returns:
       (devices, source, notes): `topology.num_devices` devices; source is "attached",
@@ -120,8 +132,7 @@ def target_devices(topology: Topology) -> tuple[list, str, list[str]]:
         attached = [
             d
             for d in jax.devices()
-            if d.platform == chip.platform
-            and any(d.device_kind.startswith(kind) for kind in chip.device_kinds)
+            if d.platform == chip.platform and chip_for_device_kind(d.device_kind, chips) is chip
         ]
         if len(attached) >= n:
             return attached[:n], "attached", notes
@@ -147,18 +158,18 @@ def tpu_slice_shape(topology: Topology) -> tuple[list[int], tuple[bool, ...]]:
     """A TPU slice's physical chip grid and which of its axes wrap around (a torus).
 
     The shapes Cloud TPU provisions for power-of-two slices, as MaxText's table lists
-    them: v4 and v5p are 3D, 2x2x1 chips per host, doubling the shortest axis (the
-    last of equals) up to v5p-64 = 2x4x4; a cube of 4x4x4 and up wraps around. v5e and
-    v6e are 2D: 2x4 for 8 chips, 4x4 for 16, ..., 16x16 for a full pod, whose 16-chip
+    them: v4, v5p and TPU7x are 3D, 2x2x1 chips per host, doubling the shortest axis
+    (the last of equals) up to v5p-64 = 2x4x4; a cube of 4x4x4 and up wraps around. v5e
+    and v6e are 2D: 2x4 for 8 chips, 4x4 for 16, ..., 16x16 for a full pod, whose 16-chip
     axes wrap.
 
     Raises:
       ValueError: a chip count that is not a power of two (v5p-384 is 4x4x12: no rule).
     """
-    chips = topology.num_devices
+    chips = topology.num_devices // topology.chip.devices_per_chip
     if chips & (chips - 1):
         raise ValueError(f"no physical shape known for {chips} chips")
-    if topology.chip.cores_per_device == 2:  # v4, v5p
+    if topology.chip.slice_dims == 3:
         dims = [2, 2, 1] if chips >= 4 else [chips, 1, 1]
         while math.prod(dims) < chips:
             i = len(dims) - 1 - dims[::-1].index(min(dims))

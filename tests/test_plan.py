@@ -21,8 +21,8 @@ DATA_PARALLEL = dict(data=8, fsdp=1, sequence=1, tensor=1)
 # Injected chips: "roomy" holds any smoke config, "tiny" not even the smoke GPT's weights.
 TEST_CHIPS = {
     **hardware.CHIPS,
-    "roomy": hardware.Chip("cpu", memory_bytes=2**30, peak_bf16_flops=None),
-    "tiny": hardware.Chip("cpu", memory_bytes=64 * 2**10, peak_bf16_flops=None),
+    "roomy": hardware.Chip("cpu", memory_bytes=2**30, peak_flops_16bit=None),
+    "tiny": hardware.Chip("cpu", memory_bytes=64 * 2**10, peak_flops_16bit=None),
 }
 
 
@@ -237,6 +237,16 @@ def test_cli_json_for_a_topology_larger_than_this_process(tmp_path):
     assert result["step_time_s"]["mfu_100"] == pytest.approx(result["flops_per_device"] / 989e12)
     assert result["compiler_estimate"] is None  # only the TPU compiler gives one
     assert result["collectives"]["all-gather"]["count"] > 0
+
+
+def test_a_t4_target_computes_in_float16_against_its_float16_peak():
+    # A T4 has no bfloat16: "auto" is float16 there, and so is the peak MFU divides by.
+    config = load_config("gpt_pysource", "smoke", mesh=dict(data=2, fsdp=1, sequence=1, tensor=1))
+    result = plan.make_plan(config, "t4x2")
+    assert result["compute_dtype"] == "float16"
+    assert (result["peak_flops"], result["peak_dtype"]) == (65e12, "float16")
+    assert result["step_time_s"]["mfu_100"] == pytest.approx(result["flops_per_device"] / 65e12)
+    assert "/s float16 peak: " in plan.format_plan(result)
 
 
 def test_tpu_target_without_libtpu_is_simulated_with_a_note(monkeypatch):

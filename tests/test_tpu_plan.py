@@ -19,6 +19,7 @@ pytest.importorskip("libtpu")
 
 GPT = os.path.join(CONFIGS, "gpt_pysource.py")
 MESH = dict(data=1, fsdp=2, sequence=1, tensor=2)
+MESH_8 = dict(data=2, fsdp=2, sequence=1, tensor=2)
 
 
 def _gpt(scan_layers: bool):
@@ -102,14 +103,26 @@ def test_compiler_estimate_adds_the_loop_trips_and_gives_mfu(scanned, unrolled):
         ("v5e-16", "TPU v5 lite", (4, 4, 1)),
         ("v6e-8", "TPU v6 lite", (2, 4, 1)),
         ("v6e-256", "TPU v6 lite", (16, 16, 1)),
+        ("tpu7x-8", "TPU7x", (2, 2, 1)),  # 8 TensorCores: 4 chips of two devices each
+        ("tpu7x-128", "TPU7x", (4, 4, 4)),
     ],
 )
 def test_slices_have_their_physical_shape(name, kind, shape):
-    devices = topology.tpu_topology_devices(topology.parse_topology(name))
-    assert len(devices) == math.prod(shape)
+    parsed = topology.parse_topology(name)
+    devices = topology.tpu_topology_devices(parsed)
+    assert len(devices) == parsed.num_devices == math.prod(shape) * parsed.chip.devices_per_chip
     assert {d.device_kind for d in devices} == {kind}
     extent = tuple(max(d.coords[i] for d in devices) + 1 for i in range(3))
     assert extent == shape
+
+
+def test_tpu7x_plan_is_per_device_half_a_chip():
+    config = load_config("gpt_pysource", "smoke", mesh=MESH_8, model__num_layers=2)
+    result = plan.make_plan(config, "tpu7x-8")
+    assert result["source"] == "tpu-aot" and result["num_devices"] == 8
+    assert result["memory"]["capacity"] == 96 * 2**30 and result["memory"]["fits"] is True
+    assert result["peak_flops"] == 2307e12 / 2 and result["peak_dtype"] == "bfloat16"
+    assert plan.format_plan(result).startswith("plan for tpu7x-8: 8 tpu7x devices (4 chips) |")
 
 
 def test_tensor_axis_spans_neighbouring_chips():
