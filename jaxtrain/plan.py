@@ -266,15 +266,19 @@ def format_plan(plan: dict) -> str:
         line = f"compiler's estimate: {_seconds(estimate['step_time_s'])} per step"
         if estimate["mfu"] is not None:
             line += f", {estimate['mfu']:.1%} MFU ({plan['flops_source']} FLOPs)"
-        if plan["loops"]:
-            line += (
-                f" (TPU cost model; it priced each loop body once, "
-                f"{_seconds(estimate['step_time_s_loops_once'])}: the other trips are added "
-                "at the program's average seconds per FLOP, an approximation)"
+        source = "TPU cost model"
+        if estimate["pallas_kernel_s"]:
+            source += (
+                f", {_seconds(estimate['step_time_s_compiler'])}, plus "
+                f"{_seconds(estimate['pallas_kernel_s'])} of Pallas kernels' matmuls at peak"
             )
-        else:
-            line += " (TPU cost model)"
-        lines.append(line)
+        if plan["loops"]:
+            source += (
+                f"; it priced each loop body once, "
+                f"{_seconds(estimate['step_time_s_loops_once'])}: the other trips are added "
+                "at the program's average seconds per FLOP, an approximation"
+            )
+        lines.append(f"{line} ({source})")
     if plan["collectives"] is not None:
         collectives = ", ".join(
             f"{op} x{c['count']} ({_gib(c['bytes'])})" for op, c in plan["collectives"].items()
