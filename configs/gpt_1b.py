@@ -19,9 +19,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = base.get_config()
     c.task = "lm"  # next-token cross-entropy (jaxtrain/tasks/lm.py)
     c.global_batch_size = 256  # sequences per step: 256 x 2,048 = 524,288 tokens
-    # Each step runs as 4 sequential parts of 64 sequences (gradients accumulated): the
-    # activation memory of 64, which save_dots needs to fit (see model.remat).
-    c.microbatches = 4
+    # Each step runs as 2 sequential parts of 128 sequences (gradients accumulated): the
+    # activation memory of 128, which save_dots needs to fit (see model.remat); the TPU
+    # compiler prices 4 parts of 64 8% slower (BENCHMARKS.md).
+    c.microbatches = 2
     c.num_train_steps = 20_000  # about 10.5B tokens
     c.log_every_steps = 10
     c.eval_every_steps = 1_000
@@ -71,10 +72,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         mlp_dim=8_192,  # hidden width of the SwiGLU MLP
         rope_base=500_000.0,  # RoPE's wavelength base (Llama 3's)
         dropout_rate=0.0,  # none, as in Llama pretraining
-        attention_impl="auto",  # "xla", "cudnn" (GPU, bf16) or "auto" (jax picks)
+        attention_impl="auto",  # splash on TPU, XLA elsewhere; or "xla", "cudnn" (GPU), "splash"
         scan_layers=True,  # one compiled block scanned 16 times: compile time flat in depth
-        # Keep the matmul outputs for the backward pass, recompute the rest (attention
-        # scores, elementwise work): 4% more FLOPs than none, against "full"'s 25%.
+        # Keep the matmul outputs for the backward pass, recompute the rest (attention,
+        # elementwise work): less recomputation than "full", which keeps only each block's
+        # input, and it fits at 128 sequences per part where "none" does not.
         remat="save_dots",
     )
     c.optim.update(
