@@ -133,9 +133,15 @@ def test_tensor_axis_spans_neighbouring_chips():
 
 
 def test_a_step_the_tpu_compiler_refuses_for_memory_is_reported_as_not_fitting():
-    # 512 sequences of 4,096 tokens on one 16 GiB v5e chip: the attention scores alone
-    # would need over 100 GiB.
-    config = load_config("gpt_pysource", "smoke", global_batch_size=512, data__seq_len=4096)
+    # 512 sequences of 4,096 tokens on one 16 GiB v5e chip: XLA's attention scores alone
+    # would need over 100 GiB (splash attention, "auto"'s choice on TPU, never holds them).
+    config = load_config(
+        "gpt_pysource",
+        "smoke",
+        global_batch_size=512,
+        data__seq_len=4096,
+        model__attention_impl="xla",
+    )
     result = plan.make_plan(config, "v5e-1")
     memory = result["memory"]
     assert memory["fits"] is False and "RESOURCE_EXHAUSTED" in memory["refused"]
