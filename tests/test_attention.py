@@ -81,6 +81,21 @@ def test_splash_is_causal():
     assert not np.allclose(out[:, 64:], changed[:, 64:])
 
 
+def test_splash_tiles_a_sequence_no_512_block_divides():
+    assert [attention.splash_block(n) for n in (32, 512, 1024, 640, 768, 1152)] == [
+        32,
+        512,
+        512,
+        128,
+        384,
+        384,
+    ]
+    q, k, v = _qkv(batch=1, length=640, heads=2, kv_heads=1)  # five tiles of 128
+    np.testing.assert_allclose(
+        _splash(q, k, v), attention.causal_attention(q, k, v, "xla"), atol=2e-5
+    )
+
+
 def test_splash_outside_a_tpu_is_a_config_error():
     q, k, v = _qkv(batch=2, length=128)
     with jax.set_mesh(sharding.make_mesh(dict(data=-1, fsdp=1, sequence=1, tensor=1))):

@@ -29,8 +29,9 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jaxtrain.errors import ConfigError
 from jaxtrain.sharding import active_spec
 
-# Splash attention's tile: query and key blocks of this many positions (a multiple of
-# 128, TPU lanes), or the whole sequence when shorter. MaxText's default too.
+# Splash attention's tile: query and key blocks of up to this many positions (MaxText's
+# default), a multiple of 128 (TPU lanes) that divides the sequence, or the whole
+# sequence when shorter.
 SPLASH_BLOCK = 512
 
 
@@ -58,7 +59,7 @@ _scores.defvjp(_scores_fwd, _scores_bwd)
 def _splash_local(q, k, v, *, interpret: bool):
     """Splash attention on one device's share: q [b, heads, l, d], k and v [b, kv, l, d]."""
     heads, length = q.shape[1], q.shape[2]
-    block = min(SPLASH_BLOCK, length)
+    block = splash_block(length)
     sizes = splash.BlockSizes(
         block_q=block,
         block_kv=block,
@@ -80,6 +81,14 @@ def _splash_local(q, k, v, *, interpret: bool):
     return jax.vmap(kernel)(q, k, v)
 
 
+def splash_block(length: int) -> int:
+    """The tile for a sequence of `length`: itself up to SPLASH_BLOCK, else the largest
+    multiple of 128 up to SPLASH_BLOCK that divides it (128 for 640 tokens)."""
+    if length <= SPLASH_BLOCK:
+        return length
+    return next(b for b in range(SPLASH_BLOCK, 0, -128) if length % b == 0)
+
+
 def _platform() -> str:
     """The platform being traced for: the mesh's devices', else the default backend's."""
     mesh = jax.sharding.get_abstract_mesh()
@@ -98,7 +107,7 @@ def splash_attention(q, k, v, *, interpret: bool = False):
     """Causal (grouped-query) attention by the Pallas splash kernel (TPU).
 
     Args:
-      q, k, v: as `causal_attention`; length a multiple of 128 when over 512.
+      q, k, v: as `causal_attention`; the length a multiple of 128 when over 512.
       interpret: run the kernel in Pallas's interpreter (any platform, slow: for tests).
 
     Returns:
