@@ -92,20 +92,20 @@ def make_plan(
     refused = None
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         train_step = steps.make_train_step(task.loss, layout, microbatches=config.microbatches)
+        traced = steps.trace_train_step(train_step, layout, batch)
         try:
-            compiled = steps.compile_train_step(train_step, layout, batch)
+            compiled = traced.lower().compile()
         except jax.errors.JaxRuntimeError as e:
             # The TPU compiler refuses a program whose temporaries exceed the chip's HBM:
             # that is this plan's answer, not a failure.
             if "RESOURCE_EXHAUSTED" not in str(e):
                 raise
             compiled, refused = None, " ".join(str(e).split())
-        counts = hlo.step_counts(compiled.as_text()) if compiled else None
-        kernel_flops, kernels = 0.0, {}
-        if counts and "tpu_custom_call" in counts.uncounted_kernels:
-            # Pallas kernels: the compiler prices them by bytes only (jaxtrain/pallas_flops.py)
-            traced = jax.make_jaxpr(train_step)(layout.abstract_state, batch)
-            kernel_flops, kernels = pallas_flops(traced)
+    counts = hlo.step_counts(compiled.as_text()) if compiled else None
+    kernel_flops, kernels = 0.0, {}
+    if counts and "tpu_custom_call" in counts.uncounted_kernels:
+        # Pallas kernels: the compiler prices them by bytes only (jaxtrain/pallas_flops.py)
+        kernel_flops, kernels = pallas_flops(traced.jaxpr)
     stats = hlo.compiled_stats(compiled, counts) if compiled else {}
 
     memory = {

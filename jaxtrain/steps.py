@@ -234,17 +234,26 @@ def compile_train_step(train_step, layout: StateLayout, abstract_batch):
       A compiled function `(state, batch) -> (state, metrics)`; its `memory_analysis()`
       and `cost_analysis()` describe the step before it runs.
     """
+    return trace_train_step(train_step, layout, abstract_batch).lower().compile()
+
+
+def trace_train_step(train_step, layout: StateLayout, abstract_batch):
+    """`train_step` traced as `compile_train_step` compiles it, not yet lowered.
+
+    For a caller that reads the program as well as compiling it (`jaxtrain plan` reads
+    the Pallas kernels in its jaxpr): one trace serves both.
+
+    Returns:
+      jax's `Traced`: `.jaxpr` is the step's program; `.lower().compile()` is what
+      `compile_train_step` returns.
+    """
     replicated = NamedSharding(layout.mesh, PartitionSpec())
-    return (
-        jax.jit(
-            train_step,
-            in_shardings=(layout.shardings, _shardings(abstract_batch)),
-            out_shardings=(layout.shardings, replicated),
-            donate_argnums=(0,),
-        )
-        .lower(layout.abstract_state, abstract_batch)
-        .compile()
-    )
+    return jax.jit(
+        train_step,
+        in_shardings=(layout.shardings, _shardings(abstract_batch)),
+        out_shardings=(layout.shardings, replicated),
+        donate_argnums=(0,),
+    ).trace(layout.abstract_state, abstract_batch)
 
 
 def _shardings(abstract_tree):

@@ -287,6 +287,16 @@ def test_a_loop_of_your_own_from_the_pieces(tmp_path):
         train_step = jaxtrain.compile_train_step(
             jaxtrain.make_train_step(loss, layout), layout, abstract_batch
         )
+        # The same step traced, not compiled: its program's outputs are the new state
+        # (laid out as the layout says) and the metrics.
+        traced = jaxtrain.steps.trace_train_step(
+            jaxtrain.make_train_step(loss, layout), layout, abstract_batch
+        )
+        new_state, step_metrics = traced.out_info
+        assert jax.tree.map(lambda s: (s.shape, s.dtype, s.sharding), new_state) == jax.tree.map(
+            lambda s: (s.shape, s.dtype, s.sharding), layout.abstract_state
+        )
+        assert "loss" in step_metrics and traced.jaxpr.eqns
         eval_step = jaxtrain.jit_eval_step(
             jaxtrain.make_eval_step(jaxtrain.per_example(loss), layout), layout, abstract_batch
         )
