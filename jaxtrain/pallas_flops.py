@@ -30,8 +30,19 @@ def pallas_flops(closed_jaxpr) -> tuple[float, dict[str, int]]:
         one device sees.
     """
     calls: dict[str, int] = {}
-    flops = _walk(_jaxpr(closed_jaxpr), calls, 1)
-    return flops, calls
+
+    def kernel_call(eqn, times: int) -> float | None:
+        if eqn.primitive.name != "pallas_call":
+            return None
+        kernel = eqn.params.get("name") or "pallas_call"
+        calls[kernel] = calls.get(kernel, 0) + times
+        declared = getattr(eqn.params.get("cost_estimate"), "flops", None)
+        if declared is not None:  # the kernel's author knows best
+            return times * float(declared)
+        grid = math.prod(int(g) for g in eqn.params["grid_mapping"].grid)
+        return times * grid * _total(_jaxpr(eqn.params["jaxpr"]), _matmul)
+
+    return _total(_jaxpr(closed_jaxpr), kernel_call), calls
 
 
 def _jaxpr(value):
@@ -51,41 +62,31 @@ def _subjaxprs(eqn):
                 yield sub
 
 
-def _walk(jaxpr, calls: dict[str, int], times: int) -> float:
-    """Pallas-kernel FLOPs of `jaxpr` run `times` times, outside any kernel."""
+def _total(jaxpr, count, times: int = 1) -> float:
+    """What `count(eqn, times)` gives for `jaxpr`'s equations, run `times` times.
+
+    An equation `count` gives None for is looked into: a `cond` by its costliest branch,
+    a `scan` once per trip, anything else holding jaxprs (jit, remat, shard_map, a while
+    loop's body) once.
+    """
     total = 0.0
     for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "pallas_call":
-            kernel = eqn.params.get("name") or "pallas_call"
-            calls[kernel] = calls.get(kernel, 0) + times
-            declared = getattr(eqn.params.get("cost_estimate"), "flops", None)
-            if declared is not None:  # the kernel's author knows best
-                total += times * float(declared)
-            else:
-                grid = math.prod(int(g) for g in eqn.params["grid_mapping"].grid)
-                total += times * grid * _kernel_flops(_jaxpr(eqn.params["jaxpr"]))
-        elif name == "cond":
-            total += max((_walk(b, calls, times) for b in _subjaxprs(eqn)), default=0.0)
+        own = count(eqn, times)
+        if own is not None:
+            total += own
+        elif eqn.primitive.name == "cond":
+            total += max((_total(b, count, times) for b in _subjaxprs(eqn)), default=0.0)
         else:
-            trips = int(eqn.params.get("length", 1)) if name == "scan" else 1
-            total += sum(_walk(sub, calls, times * trips) for sub in _subjaxprs(eqn))
+            trips = int(eqn.params.get("length", 1)) if eqn.primitive.name == "scan" else 1
+            total += sum(_total(sub, count, times * trips) for sub in _subjaxprs(eqn))
     return total
 
 
-def _kernel_flops(jaxpr) -> float:
-    """Matmul FLOPs of one run of a kernel body (one grid step)."""
-    total = 0.0
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name == "dot_general":
-            (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-            lhs = eqn.invars[0].aval.shape
-            out = eqn.outvars[0].aval.shape
-            total += 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
-        elif name == "cond":
-            total += max((_kernel_flops(b) for b in _subjaxprs(eqn)), default=0.0)
-        else:
-            trips = int(eqn.params.get("length", 1)) if name == "scan" else 1
-            total += trips * sum(_kernel_flops(sub) for sub in _subjaxprs(eqn))
-    return total
+def _matmul(eqn, times: int) -> float | None:
+    """A kernel body's dot_general: its FLOPs; None for any other equation."""
+    if eqn.primitive.name != "dot_general":
+        return None
+    (lhs_contract, _), _ = eqn.params["dimension_numbers"]
+    lhs = eqn.invars[0].aval.shape
+    out = eqn.outvars[0].aval.shape
+    return times * 2.0 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
