@@ -131,22 +131,30 @@ def make_state_layout(
     param_shardings = _variable_shardings(abstract_params, mesh, rules)
     rest_shardings = _variable_shardings(abstract_rest, mesh, rules)
 
-    def init(rng) -> TrainState:
-        model_rng, step_rng = jax.random.split(rng)
-        _, params, rest = nnx.split(build(model_rng), trainable, _not_kept(trainable))
-        params = nnx.to_pure_dict(params)
+    def assemble(params, model_state, step_rng) -> TrainState:
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=tx.init(params),
-            model_state=nnx.to_pure_dict(rest),
+            model_state=model_state,
             rng=jax.random.key_data(step_rng),
             skipped=jnp.zeros((), jnp.int32),
             loss_scale=(loss_scale or LossScale()).initial_state(),
         )
 
+    def init(rng) -> TrainState:
+        model_rng, step_rng = jax.random.split(rng)
+        _, params, rest = nnx.split(build(model_rng), trainable, _not_kept(trainable))
+        return assemble(nnx.to_pure_dict(params), nnx.to_pure_dict(rest), step_rng)
+
     replicated = NamedSharding(mesh, PartitionSpec())
-    shapes = jax.eval_shape(init, jax.random.key(0))
+    # The state's shapes from the model's, without building the model a second time.
+    shapes = jax.eval_shape(
+        assemble,
+        nnx.to_pure_dict(abstract_params),
+        nnx.to_pure_dict(abstract_rest),
+        jax.random.key(0),
+    )
     opt_shardings = optax.tree_map_params(
         tx,
         lambda _, s: s,
