@@ -24,7 +24,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from jaxtrain.errors import ConfigError
 from jaxtrain.sharding import active_spec
@@ -58,6 +57,10 @@ _scores.defvjp(_scores_fwd, _scores_bwd)
 
 def _splash_local(q, k, v, *, interpret: bool):
     """Splash attention on one device's share: q [b, heads, l, d], k and v [b, kv, l, d]."""
+    # Imported here: Pallas and the kernel take 0.06 s to import, on every start-up of a
+    # run that never uses them (every run off TPU).
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
     heads, length = q.shape[1], q.shape[2]
     block = splash_block(length)
     sizes = splash.BlockSizes(
