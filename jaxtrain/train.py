@@ -1,6 +1,7 @@
 """`train_and_evaluate(config, workdir, task=...)`: the training loop, in the order it runs.
 
     config -> task -> mesh -> model + optimizer (the state, abstract) -> data -> workdir
+           -> train step (traced; XLA compiles it in the background)
            -> state (restored, or created already sharded) -> compiled step -> loop
 
 Everything that can reject the request (config values, mesh, batch split, names, a
@@ -12,6 +13,7 @@ import contextlib
 import json
 import math
 import time
+from concurrent import futures
 
 import jax
 from absl import logging
@@ -115,6 +117,24 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
         run.enter_context(jax.set_mesh(mesh))
         run.enter_context(sharding.use_rules(rules))
 
+        # --- One train step, traced here and compiled in the background -------------------
+        # XLA compiles outside Python's lock: the state is restored or created meanwhile.
+        compile_start = time.perf_counter()
+        lowered = steps.trace_train_step(
+            steps.make_train_step(
+                task.loss,
+                layout,
+                microbatches=config.microbatches,
+                schedule=schedule,
+                loss_scale=loss_scale,
+            ),
+            layout,
+            abstract_batch,
+        ).lower()
+        trace_s = time.perf_counter() - compile_start
+        compiler = run.enter_context(futures.ThreadPoolExecutor(1, "jaxtrain-compile"))
+        compiling = compiler.submit(_timed, lowered.compile)
+
         # --- State: restored, or created directly in its sharded layout -------------------
         # restore() may fall back to an older step when this one fails to read or verify.
         restored = None if resume_step is None else ckpt.restore(resume_step, layout.abstract_state)
@@ -129,20 +149,9 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
         batches = data.DevicePrefetcher(train_iter, batch_shardings, size=config.data.prefetch)
         run.push(_closer(batches.close))
 
-        # --- One compiled train step; its memory and FLOPs known before step 1 ------------
-        compile_start = time.perf_counter()
-        train_step = steps.compile_train_step(
-            steps.make_train_step(
-                task.loss,
-                layout,
-                microbatches=config.microbatches,
-                schedule=schedule,
-                loss_scale=loss_scale,
-            ),
-            layout,
-            abstract_batch,
-        )
-        compile_s = time.perf_counter() - compile_start
+        # --- The compiled train step; its memory and FLOPs known before step 1 ------------
+        train_step, xla_s = compiling.result()  # raises what compiling raised
+        compile_s = trace_s + xla_s  # tracing, lowering and XLA's compile (or cache load)
         eval_step = steps.jit_eval_step(
             steps.make_eval_step(task.evaluation(), layout), layout, abstract_batch
         )
@@ -200,6 +209,12 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
                 raise stop.stop(step)
     result.update(reporter.last_train)
     return state, result
+
+
+def _timed(function):
+    """(function(), the seconds it took)."""
+    start = time.perf_counter()
+    return function(), time.perf_counter() - start
 
 
 def _closer(close):
