@@ -93,6 +93,7 @@ def setup(config, num_batches: int):
         seed=config.data.seed,
         shard_index=0,
         shard_count=1,
+        read_threads=config.data.read_threads,
     )
     batches = [data.to_global(next(iterator), shardings) for _ in range(num_batches)]
     jax.block_until_ready(batches)

@@ -44,6 +44,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.data = dict(  # the examples: a bundled config names its data set here
         seed=0,  # shuffle order
         prefetch=2,  # batches made ready on device ahead of the step
+        read_threads=16,  # grain threads reading batches ahead (0: read by the prefetch)
     )
     c.model = dict()  # the model's fields, read by the task (see the bundled configs)
     c.optim = dict(  # AdamW with warmup and cosine decay, global-norm clipping

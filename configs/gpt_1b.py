@@ -60,6 +60,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         eval_split="validation",
         text_key="text",  # the record field holding the text (bytes are the tokens)
         seq_len=2_048,  # tokens per training sequence
+        read_threads=0,  # windows of text held in memory: threads would only contend
     )
     c.model = dict(
         name="gpt",  # the bundled GPT (RoPE, RMSNorm, SwiGLU, grouped-query attention)

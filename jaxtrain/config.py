@@ -125,6 +125,12 @@ def validate(config) -> None:
         config.data.prefetch,
         "a positive integer",
     )
+    _check(
+        _is_int(config.data.read_threads) and config.data.read_threads >= 0,
+        "data.read_threads",
+        config.data.read_threads,
+        "an integer >= 0",
+    )
     o = config.optim
     for key, ok, what in (
         ("lr", _is_number(o.lr) and o.lr >= 0, "a finite number >= 0"),

@@ -113,6 +113,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             seed=config.data.seed,
             shard_index=jax.process_index(),
             shard_count=jax.process_count(),
+            read_threads=config.data.read_threads,
         )
         run.enter_context(jax.set_mesh(mesh))
         run.enter_context(sharding.use_rules(rules))

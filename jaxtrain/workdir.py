@@ -35,6 +35,7 @@ CHANGEABLE = (
     "microbatches",
     "precision",
     "data.prefetch",
+    "data.read_threads",
     "data.data_dir",
     "compilation_cache",
     "profile",

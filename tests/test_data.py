@@ -63,6 +63,28 @@ def test_train_iterator_is_deterministic_and_resumable(data_dir):
     np.testing.assert_array_equal(next(resumed)["targets"], expected)
 
 
+def test_read_threads_change_when_batches_are_made_not_which():
+    order = pipeline.grain.MapDataset.range(500)
+
+    def batches(read_threads, state=None):
+        it = pipeline.TrainIterator(
+            order,
+            global_batch_size=8,
+            seed=5,
+            shard_index=0,
+            shard_count=1,
+            read_threads=read_threads,
+        )
+        if state:
+            it.set_state(state)
+        return [next(it).tolist() for _ in range(70)]  # past the first epoch (62 batches)
+
+    threaded = batches(16)
+    assert batches(0) == threaded
+    assert batches(0, {"examples_seen": 40}) == batches(4, {"examples_seen": 40})
+    assert batches(0, {"examples_seen": 40})[0] == threaded[5]
+
+
 def test_process_slices_are_disjoint_and_cover_an_epoch():
     n = 359  # an odd size, so the two slices differ in length
     seen = []

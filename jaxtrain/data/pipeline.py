@@ -221,14 +221,32 @@ class TrainIterator:
       seed: the order's seed.
       shard_index: this process's index.
       shard_count: how many processes read.
+      read_threads: grain's threads making batches ahead of the reader (grain's default
+        16, each batch read on one). 0 makes each batch when it is asked for, in the
+        reader's thread (`DevicePrefetcher`'s, already ahead of the step): right for
+        examples held in memory, where grain's threads would only contend for Python's
+        lock. On 2 CPU cores, 16 threads filling grain's buffer of 500 batches delayed
+        the main job's first step by 0.7 s; they help data read from files
+        (BENCHMARKS.md).
     """
 
     def __init__(
-        self, examples, *, global_batch_size: int, seed: int, shard_index: int, shard_count: int
+        self,
+        examples,
+        *,
+        global_batch_size: int,
+        seed: int,
+        shard_index: int,
+        shard_count: int,
+        read_threads: int = 16,
     ):
         self._order = examples.seed(seed).shuffle().repeat()
         self._global_batch_size = global_batch_size
         self._shard_index, self._shard_count = shard_index, shard_count
+        # No buffer without threads: grain then reads each batch when it is asked for.
+        self._read_options = grain.ReadOptions(
+            num_threads=read_threads, prefetch_buffer_size=500 if read_threads else 0
+        )
         self.set_state({"examples_seen": 0})
 
     def set_state(self, state: dict) -> None:
@@ -236,7 +254,7 @@ class TrainIterator:
         self._seen = int(state["examples_seen"])
         local = self._order[self._seen + self._shard_index :: self._shard_count]
         batches = local.batch(self._global_batch_size // self._shard_count, drop_remainder=True)
-        self._batches = iter(batches.to_iter_dataset())
+        self._batches = iter(batches.to_iter_dataset(self._read_options))
 
     def get_state(self) -> dict:
         """`{"examples_seen": N}`: where the next batch starts in the global order."""
