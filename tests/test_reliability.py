@@ -5,6 +5,7 @@ and read-failure cases in this process, with faults injected where the bytes are
 """
 
 import errno
+import gc
 import logging
 import os
 import random
@@ -12,8 +13,10 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
+import jax
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
@@ -438,6 +441,24 @@ def test_a_full_disk_mid_run_is_one_line_and_exit_74(data_dir, small_disk):
     assert good is not None and good >= 1
 
 
+def test_a_failed_compile_is_the_runs_error_and_leaves_no_thread(data_dir, tmp_path, monkeypatch):
+    # XLA compiles the train step in a background thread while the state is created.
+    failed_in = []
+
+    def fail(self):
+        failed_in.append(threading.current_thread().name)
+        raise RuntimeError("RESOURCE_EXHAUSTED: simulated compile failure")
+
+    monkeypatch.setattr(jax.stages.Lowered, "compile", fail)
+    with pytest.raises(RuntimeError, match="simulated compile failure"):
+        jaxtrain.train_and_evaluate(gpt_smoke_config(data_dir), str(tmp_path / "run"))
+    assert len(failed_in) == 1 and failed_in[0].startswith("jaxtrain-compile"), failed_in
+    assert not [t for t in threading.enumerate() if t.name.startswith("jaxtrain-compile")]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "run" / "checkpoints"
+    )
+
+
 @pytest.mark.parametrize(
     "flag, message",
     [
@@ -447,6 +468,7 @@ def test_a_full_disk_mid_run_is_one_line_and_exit_74(data_dir, small_disk):
         ("--config.model.num_heads=0", "num_heads=0 must be a positive integer"),
         ("--config.model.dropout_rate=2.0", "dropout_rate=2.0 must be in [0, 1)"),
         ("--config.optim.warmup_steps=-5", "config.optim.warmup_steps must be an integer >= 0"),
+        ("--config.data.read_threads=-1", "config.data.read_threads must be an integer >= 0"),
         (
             "--config.num_train_steps=100000000000000000000",
             "config.num_train_steps must be at most",
@@ -464,6 +486,7 @@ def test_out_of_range_values_are_one_line_exit_2(flag, message, data_dir, tmp_pa
 
 def test_a_data_dir_that_cannot_hold_data_is_one_line_exit_2(tmp_path, capsys):
     (tmp_path / "a_file").write_text("")
+    frozen = gc.get_freeze_count()
     status = cli.main(
         [
             "jaxtrain",
@@ -477,6 +500,9 @@ def test_a_data_dir_that_cannot_hold_data_is_one_line_exit_2(tmp_path, capsys):
     [line] = capsys.readouterr().err.strip().splitlines()
     assert "cannot prepare data set 'pysource'" in line and "Not a directory" in line
     assert not (tmp_path / "run").exists()
+    # Only the command's own process freezes its imports (cli._freeze_imports), not a
+    # Python caller's.
+    assert gc.get_freeze_count() == frozen
 
 
 @pytest.mark.slow
