@@ -22,7 +22,7 @@ import time
 import jax
 from absl import logging
 
-from jaxtrain import hardware, metrics
+from jaxtrain import files, hardware, metrics
 from jaxtrain.errors import ConfigError
 
 ENERGY_FILE = "energy.json"
@@ -176,9 +176,7 @@ def write(workdir: str, record: dict) -> dict:
     }
     if jax.process_index() == 0:
         try:
-            with open(path + ".tmp", "w", encoding="utf-8") as f:
-                json.dump(contents, f, indent=2)
-            os.replace(path + ".tmp", path)
+            files.write_atomically(path, json.dumps(contents, indent=2))
         except OSError as e:  # like the metrics: losing the estimate never fails the run
             logging.warning("cannot write %s: %s", path, e.strerror or e)
     return contents

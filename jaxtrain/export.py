@@ -20,14 +20,11 @@ platforms it was exported for (by default the one exporting it; `platforms=("cpu
 versions: a jax release up to 6 months newer loads it.
 """
 
-import os
-import tempfile
-
 import jax
 import numpy as np
 from jax import export
 
-from jaxtrain import data, steps
+from jaxtrain import data, files, steps
 from jaxtrain.errors import ConfigError
 
 
@@ -93,16 +90,9 @@ def save(exported: export.Exported, path: str) -> int:
       ConfigError: `path` cannot be written.
     """
     blob = exported.serialize()
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = None
     try:
-        with tempfile.NamedTemporaryFile(dir=directory, delete=False) as f:
-            temporary = f.name
-            f.write(blob)
-        os.replace(temporary, path)
+        files.write_atomically(path, blob)
     except OSError as e:
-        if temporary and os.path.exists(temporary):
-            os.remove(temporary)
         raise ConfigError(f"cannot write {path!r}: {e.strerror or e}") from e
     return len(blob)
 

@@ -16,7 +16,7 @@ import jax
 from absl import logging
 from tqdm import tqdm
 
-from jaxtrain import tracking
+from jaxtrain import files, tracking
 from jaxtrain.errors import StorageError
 
 _console_lost = False
@@ -202,10 +202,7 @@ def _truncate_jsonl(path: str, last_step: int) -> None:
         except (ValueError, KeyError):
             continue  # a line cut short by a kill
     if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
+        files.write_atomically(path, "".join(kept))
 
 
 class StepTimer:

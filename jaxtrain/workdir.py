@@ -13,6 +13,7 @@ import socket
 
 import jax
 
+from jaxtrain import files
 from jaxtrain.errors import ConfigError, StorageError
 
 LOCK_FILE = ".jaxtrain.lock"
@@ -181,8 +182,6 @@ def write_config(workdir: str, config_dict: dict) -> None:
         return
     path = os.path.join(workdir, "config.json")
     try:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(config_dict, f, indent=2)
-        os.replace(path + ".tmp", path)
+        files.write_atomically(path, json.dumps(config_dict, indent=2))
     except OSError as e:
         raise StorageError(f"cannot write {path!r}: {e.strerror}") from e
