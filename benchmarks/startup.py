@@ -2,6 +2,8 @@
 
     python benchmarks/startup.py [--config=gpt_pysource.py] [--repeats=3] [--set KEY=VALUE]
 
+    python benchmarks/startup.py --checkouts=/tmp/old,. [--repeats=5]
+
 Each repeat launches the command twice on a fresh, empty cache directory (cold: it
 compiles and stores the train step; warm: a second launch, which loads it), each in a new
 workdir, and measures the wall time from launching the process to two points: the start
@@ -10,6 +12,10 @@ first logged training step (`log_every_steps=1`; step 1 is read one step late, a
 step 2 was dispatched); then it kills the process. Cold and warm launches alternate, so
 load on the machine falls on both alike. The data set must be built already (run the
 job once).
+
+`--checkouts` compares jaxtrain checkouts (e.g. `git worktree add /tmp/old COMMIT`): each
+repeat runs every checkout's cold and warm launch in turn (the order reversed on odd
+repeats), each importing jaxtrain from its own directory.
 """
 
 import argparse
@@ -23,11 +29,15 @@ import tempfile
 import time
 
 
-def time_to_step_1(config: str, workdir: str, cache_home: str, settings: list[str]):
+def time_to_step_1(
+    config: str, workdir: str, cache_home: str, settings: list[str], checkout: str | None = None
+):
     """Seconds from launch to the start of step 1 and to its logged line, and the seconds
     the run printed for compiling the train step."""
     env = {**os.environ, "XDG_CACHE_HOME": cache_home}
     env.pop("JAX_COMPILATION_CACHE_DIR", None)
+    if checkout:  # its jaxtrain, not the installed one: `python -m` puts the cwd first
+        env["PYTHONPATH"] = os.path.abspath(checkout)
     command = [
         sys.executable,
         "-m",
@@ -40,7 +50,12 @@ def time_to_step_1(config: str, workdir: str, cache_home: str, settings: list[st
     ]
     start = time.perf_counter()
     process = subprocess.Popen(
-        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+        command,
+        env=env,
+        cwd=checkout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
     )
     compile_s = None
     for line in process.stdout:
@@ -57,23 +72,32 @@ def time_to_step_1(config: str, workdir: str, cache_home: str, settings: list[st
     return started, seconds, compile_s
 
 
-def main(config: str, repeats: int, settings: list[str]):
-    cold, warm = [], []
+def main(config: str, repeats: int, settings: list[str], checkouts: list[str | None]):
+    results = {checkout: {"cold": [], "warm": []} for checkout in checkouts}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
-            cache = os.path.join(tmp, f"cache{repeat}")
-            for name, results in (("cold", cold), ("warm", warm)):
-                workdir = os.path.join(tmp, f"run{repeat}_{name}")
-                started, logged, compile_s = time_to_step_1(config, workdir, cache, settings)
-                results.append((started, logged, compile_s))
-                print(
-                    f"repeat {repeat} {name}: step 1 starts at {started:.2f} s, logged at "
-                    f"{logged:.2f} s (train step compiled in {compile_s} s)"
-                )
-    for index, what in enumerate(("start of step 1", "step 1 logged", "compiling the step")):
-        cold_s = statistics.median(r[index] for r in cold)
-        warm_s = statistics.median(r[index] for r in warm)
-        print(f"median {what}: cold {cold_s:.2f} s, warm {warm_s:.2f} s ({warm_s / cold_s:.0%})")
+            for number, checkout in enumerate(checkouts if repeat % 2 == 0 else checkouts[::-1]):
+                cache = os.path.join(tmp, f"cache{repeat}_{checkouts.index(checkout)}")
+                for name in ("cold", "warm"):
+                    workdir = os.path.join(tmp, f"run{repeat}_{number}_{name}")
+                    started, logged, compile_s = time_to_step_1(
+                        config, workdir, cache, settings, checkout
+                    )
+                    results[checkout][name].append((started, logged, compile_s))
+                    print(
+                        f"repeat {repeat}{f' {checkout}' if checkout else ''} {name}: step 1 "
+                        f"starts at {started:.2f} s, logged at {logged:.2f} s (train step "
+                        f"compiled in {compile_s} s)"
+                    )
+    for checkout, runs in results.items():
+        if checkout:
+            print(f"{checkout}:")
+        for index, what in enumerate(("start of step 1", "step 1 logged", "compiling the step")):
+            cold_s = statistics.median(r[index] for r in runs["cold"])
+            warm_s = statistics.median(r[index] for r in runs["warm"])
+            print(
+                f"median {what}: cold {cold_s:.2f} s, warm {warm_s:.2f} s ({warm_s / cold_s:.0%})"
+            )
 
 
 if __name__ == "__main__":
@@ -81,5 +105,9 @@ if __name__ == "__main__":
     parser.add_argument("--config", default="gpt_pysource.py")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--set", action="append", default=[], help="KEY=VALUE override")
+    parser.add_argument(
+        "--checkouts", default="", help="comma-separated jaxtrain checkouts to compare"
+    )
     args = parser.parse_args()
-    main(args.config, args.repeats, args.set)
+    checkouts = [c for c in args.checkouts.split(",") if c] or [None]
+    main(args.config, args.repeats, args.set, checkouts)
