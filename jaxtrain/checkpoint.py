@@ -23,6 +23,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
+from jaxtrain.config import is_int, require
 from jaxtrain.errors import ConfigError, StorageError
 from jaxtrain.integrity import (
     CHECKSUMS_ITEM,
@@ -55,12 +56,17 @@ def check_config(checkpoint_config) -> None:
       ConfigError: naming the field and why.
     """
     c = checkpoint_config
-    if c.keep_latest < 1:
-        # The newest step must survive every rule: it is where a rerun resumes.
-        raise ConfigError(f"config.checkpoint.keep_latest must be >= 1, got {c.keep_latest}")
+    # The newest step must survive every rule: it is where a rerun resumes.
+    require(
+        is_int(c.keep_latest) and c.keep_latest >= 1,
+        "checkpoint.keep_latest",
+        c.keep_latest,
+        "an integer >= 1",
+    )
     for key in ("keep_best", "keep_every_steps"):
-        if c[key] < 0:
-            raise ConfigError(f"config.checkpoint.{key} must be >= 0 (0 = off), got {c[key]}")
+        require(
+            is_int(c[key]) and c[key] >= 0, f"checkpoint.{key}", c[key], "an integer >= 0 (0 = off)"
+        )
     if c.best_mode not in ("min", "max"):
         raise ConfigError(
             f"config.checkpoint.best_mode must be 'min' or 'max', got {c.best_mode!r}"
@@ -68,8 +74,7 @@ def check_config(checkpoint_config) -> None:
     if not c.best_metric:
         raise ConfigError("config.checkpoint.best_metric must name an eval metric, e.g. 'loss'")
     for key in ("restart_if_all_damaged", "allow_config_changes"):
-        if not isinstance(c[key], bool):
-            raise ConfigError(f"config.checkpoint.{key} must be True or False, got {c[key]!r}")
+        require(isinstance(c[key], bool), f"checkpoint.{key}", c[key], "True or False")
 
 
 def latest_compatible_step(

@@ -12,7 +12,7 @@ import os
 import jax
 from absl import logging
 
-from jaxtrain.errors import ConfigError
+from jaxtrain.config import is_number, require
 
 
 def default_dir() -> str:
@@ -30,16 +30,10 @@ def check_config(cache_config) -> None:
       ConfigError: naming the field and why.
     """
     c = cache_config
-    if not isinstance(c.dir, str):
-        raise ConfigError(
-            f"config.compilation_cache.dir must be a path, 'auto' or '', got {c.dir!r}"
-        )
+    require(isinstance(c.dir, str), "compilation_cache.dir", c.dir, "a path, 'auto' or ''")
     for key in ("min_compile_time_s", "max_size_gb"):
         value = c[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise ConfigError(
-                f"config.compilation_cache.{key} must be a number >= 0, got {value!r}"
-            )
+        require(is_number(value) and value >= 0, f"compilation_cache.{key}", value, "a number >= 0")
 
 
 def enable(cache_config) -> str | None:

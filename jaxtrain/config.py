@@ -76,16 +76,22 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
 MAX_STEPS = 2**31 - 1
 
 
-def _check(ok: bool, field: str, value, what: str) -> None:
+# The checks below, shared by every module's `check_config`: one wording for every field.
+
+
+def require(ok: bool, field: str, value, what: str) -> None:
+    """Raises `ConfigError("config.FIELD must be WHAT, got VALUE")` unless `ok`."""
     if not ok:
         raise ConfigError(f"config.{field} must be {what}, got {value!r}")
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int, not a bool (True is an int to Python, never a count to a config)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
+    """A finite int or float, not a bool."""
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -109,40 +115,40 @@ def validate(config) -> None:
     )
 
     for key in _POSITIVE:
-        _check(_is_int(config[key]) and config[key] > 0, key, config[key], "a positive integer")
-    _check(
+        require(is_int(config[key]) and config[key] > 0, key, config[key], "a positive integer")
+    require(
         config.num_train_steps <= MAX_STEPS,
         "num_train_steps",
         config.num_train_steps,
         f"at most {MAX_STEPS} (the step counter is an int32)",
     )
-    _check(_is_int(config.eval_steps), "eval_steps", config.eval_steps, "an integer (-1: all)")
-    _check(_is_int(config.seed), "seed", config.seed, "an integer")
-    _check(_is_int(config.data.seed), "data.seed", config.data.seed, "an integer")
-    _check(
-        _is_int(config.data.prefetch) and config.data.prefetch >= 1,
+    require(is_int(config.eval_steps), "eval_steps", config.eval_steps, "an integer (-1: all)")
+    require(is_int(config.seed), "seed", config.seed, "an integer")
+    require(is_int(config.data.seed), "data.seed", config.data.seed, "an integer")
+    require(
+        is_int(config.data.prefetch) and config.data.prefetch >= 1,
         "data.prefetch",
         config.data.prefetch,
         "a positive integer",
     )
-    _check(
-        _is_int(config.data.read_threads) and config.data.read_threads >= 0,
+    require(
+        is_int(config.data.read_threads) and config.data.read_threads >= 0,
         "data.read_threads",
         config.data.read_threads,
         "an integer >= 0",
     )
     o = config.optim
     for key, ok, what in (
-        ("lr", _is_number(o.lr) and o.lr >= 0, "a finite number >= 0"),
-        ("min_lr_ratio", _is_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
-        ("warmup_steps", _is_int(o.warmup_steps) and o.warmup_steps >= 0, "an integer >= 0"),
-        ("b1", _is_number(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
-        ("b2", _is_number(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
-        ("eps", _is_number(o.eps) and o.eps > 0, "a positive number"),
-        ("weight_decay", _is_number(o.weight_decay) and o.weight_decay >= 0, "a number >= 0"),
-        ("grad_clip_norm", _is_number(o.grad_clip_norm) and o.grad_clip_norm > 0, "positive"),
+        ("lr", is_number(o.lr) and o.lr >= 0, "a finite number >= 0"),
+        ("min_lr_ratio", is_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        ("warmup_steps", is_int(o.warmup_steps) and o.warmup_steps >= 0, "an integer >= 0"),
+        ("b1", is_number(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
+        ("b2", is_number(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
+        ("eps", is_number(o.eps) and o.eps > 0, "a positive number"),
+        ("weight_decay", is_number(o.weight_decay) and o.weight_decay >= 0, "a number >= 0"),
+        ("grad_clip_norm", is_number(o.grad_clip_norm) and o.grad_clip_norm > 0, "positive"),
     ):
-        _check(ok, f"optim.{key}", o[key], what)
+        require(ok, f"optim.{key}", o[key], what)
     precision.check_config(config.precision)
     checkpoint.check_config(config.checkpoint)
     nonfinite.check_config(config.nonfinite)

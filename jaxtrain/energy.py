@@ -23,7 +23,7 @@ import jax
 from absl import logging
 
 from jaxtrain import files, hardware, metrics
-from jaxtrain.errors import ConfigError
+from jaxtrain.config import is_number, require
 
 ENERGY_FILE = "energy.json"
 
@@ -36,8 +36,7 @@ def check_config(energy_config) -> None:
     """
     for key in ("device_watts", "grid_kg_co2e_per_kwh"):
         value = energy_config[key]
-        if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
-            raise ConfigError(f"config.energy.{key} must be a number >= 0, got {value!r}")
+        require(is_number(value) and value >= 0, f"energy.{key}", value, "a number >= 0")
 
 
 class EnergyMeter:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from jaxtrain import metrics
+from jaxtrain.config import is_int, require
 from jaxtrain.errors import EXIT_NONFINITE, ConfigError  # noqa: F401 (re-exported)
 from jaxtrain.sharding import path_str
 
@@ -34,10 +35,9 @@ def check_config(nonfinite_config) -> None:
             f"config.nonfinite.policy={nonfinite_config.policy!r}; choose one of {POLICIES}"
         )
     skips = nonfinite_config.max_consecutive_skips
-    if not isinstance(skips, int) or isinstance(skips, bool) or skips < 0:
-        raise ConfigError(
-            f"config.nonfinite.max_consecutive_skips must be an integer >= 0, got {skips!r}"
-        )
+    require(
+        is_int(skips) and skips >= 0, "nonfinite.max_consecutive_skips", skips, "an integer >= 0"
+    )
 
 
 class NonFinitePolicy:

@@ -17,6 +17,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxtrain.config import is_int, is_number, require
 from jaxtrain.errors import ConfigError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -104,12 +105,15 @@ def check_config(precision_config) -> None:
             f"config.precision.loss_scaling={p.loss_scaling!r}; choose one of {LOSS_SCALING}"
         )
     init, growth = p.loss_scale_init, p.loss_scale_growth_steps
-    if not (isinstance(init, int | float) and not isinstance(init, bool) and 1 <= init < 2**64):
-        raise ConfigError(f"config.precision.loss_scale_init must be in [1, 2**64), got {init!r}")
-    if not (isinstance(growth, int) and not isinstance(growth, bool) and growth >= 1):
-        raise ConfigError(
-            f"config.precision.loss_scale_growth_steps must be a positive integer, got {growth!r}"
-        )
+    require(
+        is_number(init) and 1 <= init < 2**64, "precision.loss_scale_init", init, "in [1, 2**64)"
+    )
+    require(
+        is_int(growth) and growth >= 1,
+        "precision.loss_scale_growth_steps",
+        growth,
+        "a positive integer",
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,7 +17,7 @@ import os
 import jax
 
 from jaxtrain import metrics
-from jaxtrain.errors import ConfigError
+from jaxtrain.config import is_int, require
 
 PROFILE_SUBDIR = "profile"
 
@@ -30,8 +30,7 @@ def check_config(profile_config) -> None:
     """
     for key in ("num_steps", "skip_steps"):
         value = profile_config[key]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ConfigError(f"config.profile.{key} must be an integer >= 0, got {value!r}")
+        require(is_int(value) and value >= 0, f"profile.{key}", value, "an integer >= 0")
 
 
 class StepTracer:

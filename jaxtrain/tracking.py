@@ -19,6 +19,7 @@ import string
 
 from absl import logging
 
+from jaxtrain.config import require
 from jaxtrain.errors import ConfigError
 
 # Where a run directory keeps the id of its W&B run, so a rerun (resume) continues it.
@@ -31,13 +32,11 @@ def check_config(logging_config) -> None:
     Raises:
       ConfigError: a field of the wrong type, or W&B enabled without wandb installed.
     """
-    if not isinstance(logging_config.wandb, bool):
-        raise ConfigError(
-            f"config.logging.wandb must be True or False, got {logging_config.wandb!r}"
-        )
+    wandb = logging_config.wandb
+    require(isinstance(wandb, bool), "logging.wandb", wandb, "True or False")
     for key in ("wandb_project", "wandb_entity", "wandb_name"):
-        if not isinstance(logging_config[key], str):
-            raise ConfigError(f"config.logging.{key} must be a string, got {logging_config[key]!r}")
+        value = logging_config[key]
+        require(isinstance(value, str), f"logging.{key}", value, "a string")
     if logging_config.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError(
             "config.logging.wandb=True needs the wandb package, which is not installed: "

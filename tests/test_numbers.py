@@ -201,6 +201,7 @@ def test_synthetic_batches_are_the_same_across_processes_and_resume():
         ("--config.profile.num_steps=-1", "config.profile.num_steps must be an integer >= 0"),
         ("--config.compilation_cache.min_compile_time_s=-1", "min_compile_time_s must be a"),
         ("--config.energy.grid_kg_co2e_per_kwh=-0.5", "grid_kg_co2e_per_kwh must be a number"),
+        ("--config.energy.device_watts=inf", "config.energy.device_watts must be a number >= 0"),
         ("--config.precision.loss_scaling=sometimes", "config.precision.loss_scaling="),
         ("--config.precision.compute_dtype=float8", "unknown dtype 'float8'"),
     ],

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from jaxtrain import data, models, precision
+from jaxtrain.config import is_int, require
 from jaxtrain.data import synthetic
 from jaxtrain.errors import ConfigError
 from jaxtrain.models import gpt
@@ -100,8 +101,7 @@ def make_task(config) -> Task:
       ConfigError: an unknown data set or model, or bad model fields.
     """
     seq_len = config.data.seq_len
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 1:
-        raise ConfigError(f"config.data.seq_len must be a positive integer, got {seq_len!r}")
+    require(is_int(seq_len) and seq_len >= 1, "data.seq_len", seq_len, "a positive integer")
     if config.data.name == synthetic.NAME:
         vocab_size = config.model.vocab_size if "vocab_size" in config.model else 256
         train_data, eval_data = (
