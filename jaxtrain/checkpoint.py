@@ -67,10 +67,7 @@ def check_config(checkpoint_config) -> None:
         require(
             is_int(c[key]) and c[key] >= 0, f"checkpoint.{key}", c[key], "an integer >= 0 (0 = off)"
         )
-    if c.best_mode not in ("min", "max"):
-        raise ConfigError(
-            f"config.checkpoint.best_mode must be 'min' or 'max', got {c.best_mode!r}"
-        )
+    require(c.best_mode in ("min", "max"), "checkpoint.best_mode", c.best_mode, "'min' or 'max'")
     if not c.best_metric:
         raise ConfigError("config.checkpoint.best_metric must name an eval metric, e.g. 'loss'")
     for key in ("restart_if_all_damaged", "allow_config_changes"):
