@@ -76,10 +76,11 @@ def main(config: str, repeats: int, settings: list[str], checkouts: list[str | N
     results = {checkout: {"cold": [], "warm": []} for checkout in checkouts}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats):
-            for number, checkout in enumerate(checkouts if repeat % 2 == 0 else checkouts[::-1]):
-                cache = os.path.join(tmp, f"cache{repeat}_{checkouts.index(checkout)}")
+            for index in range(len(checkouts))[:: 1 if repeat % 2 == 0 else -1]:
+                checkout = checkouts[index]
+                cache = os.path.join(tmp, f"cache{repeat}_{index}")
                 for name in ("cold", "warm"):
-                    workdir = os.path.join(tmp, f"run{repeat}_{number}_{name}")
+                    workdir = os.path.join(tmp, f"run{repeat}_{index}_{name}")
                     started, logged, compile_s = time_to_step_1(
                         config, workdir, cache, settings, checkout
                     )
