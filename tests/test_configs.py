@@ -62,3 +62,17 @@ def test_bfloat16_compute_keeps_float32_params_and_loss(data_dir, tmp_path):
         jnp.dtype("int32"),
     }
     assert jnp.isfinite(result["loss"])
+
+
+def test_a_tasks_own_field_checks_read_as_jaxtrains():
+    # What a user's make_task calls for its own config fields (docs/concepts.md, "config").
+    from jaxtrain.config import is_int, is_number, require
+    from jaxtrain.errors import ConfigError
+
+    assert is_int(3) and not is_int(True) and not is_int(3.0)
+    assert is_number(0.5) and is_number(2) and not is_number(False)
+    assert not is_number(float("inf")) and not is_number(float("nan"))
+    require(is_int(4) and 4 > 0, "model.num_experts", 4, "a positive integer")  # passes
+    with pytest.raises(ConfigError) as error:
+        require(is_int(0) and 0 > 0, "model.num_experts", 0, "a positive integer")
+    assert str(error.value) == "config.model.num_experts must be a positive integer, got 0"
