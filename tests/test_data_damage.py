@@ -307,3 +307,38 @@ def test_a_damaged_set_of_the_users_own_is_one_line_exit_65_in_train_and_eval(da
     assert set(checkpoints) <= set(os.listdir(workdir / "checkpoints"))
     assert max(json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")) < 200
     assert os.path.isdir(version_dir)  # the user's files, left where they are
+
+
+READ_DIGITS = """
+import sys
+from jaxtrain.data import pipeline
+records = pipeline.from_tfds("digits", "train", data_dir=sys.argv[1])
+print("labels", sum(int(records[i]["label"]) for i in range(len(records))))
+"""
+
+
+@pytest.mark.slow
+def test_runs_sharing_a_damaged_data_dir_rebuild_it_once(data_dir, tmp_path):
+    root, version_dir = _copy_digits(data_dir, tmp_path)
+    _damage(version_dir, "train", "flipped bytes")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    readers = [
+        subprocess.Popen(
+            [sys.executable, "-c", READ_DIGITS, str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+        for _ in range(3)
+    ]
+    outs = []
+    for reader in readers:
+        out, err = reader.communicate(timeout=300)
+        assert reader.returncode == 0, err[-3000:]
+        outs.append(out)
+    # One run set the damage aside and rebuilt; the others waited and read its rebuild.
+    assert sum("set aside as" in out for out in outs) == 1, outs
+    assert sorted(os.listdir(version_dir.parent)) == ["1.0.0", "1.0.0.damaged"]
+    expected = sum(_labels(pipeline.from_tfds("digits", "train", data_dir=data_dir)))
+    assert all(f"labels {expected}" in out for out in outs), outs
