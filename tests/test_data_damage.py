@@ -5,7 +5,6 @@ data set jaxtrain cannot rebuild, or damage found mid-run, is one line and exit 
 Each test damages its own copy of the session's data sets, never the shared data_dir.
 """
 
-import json
 import os
 import re
 import shutil
@@ -285,7 +284,6 @@ def test_a_damaged_set_of_the_users_own_is_one_line_exit_65_in_train_and_eval(da
     command = _train_command(workdir, root, "--config.task=user_task:make_task")
     trained = _run(command, env=env)
     assert trained.returncode == 0, trained.stderr[-3000:]
-    checkpoints = sorted(os.listdir(workdir / "checkpoints"))
     metrics_before = (workdir / "metrics.jsonl").read_bytes()
 
     test_shard = _damage(version_dir, "test", "flipped bytes")
@@ -297,15 +295,16 @@ def test_a_damaged_set_of_the_users_own_is_one_line_exit_65_in_train_and_eval(da
     assert (workdir / "metrics.jsonl").read_bytes() == metrics_before  # nothing appended
 
     # Read lazily during training: the run stops at the first damaged record, exit 65,
-    # with the checkpoints it had (the run resumes from step 4, all of it trained).
+    # its newest checkpoint committed (retention has dropped the older ones as usual).
     train_shard = _damage(version_dir, "train", "flipped bytes")
-    more = _run(
-        [*command, "--config.num_train_steps=200", "--config.eval_every_steps=1000"], env=env
-    )
+    longer = ["--config.num_train_steps=200", "--config.eval_every_steps=1000"]
+    more = _run([*command, *longer], env=env)
     assert more.returncode == EXIT_DATA, more.stderr[-3000:]
     assert f"data set 'digits' is damaged: {train_shard}: " in _one_error_line(more.stderr)
-    assert set(checkpoints) <= set(os.listdir(workdir / "checkpoints"))
-    assert max(json.loads(line)["step"] for line in open(workdir / "metrics.jsonl")) < 200
+    last = max(read_metrics(workdir))
+    newest = max(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+    assert 4 < newest <= last < 200
+    assert (workdir / "checkpoints" / str(newest) / integrity.COMMIT_MARKER).exists()
     assert os.path.isdir(version_dir)  # the user's files, left where they are
 
 
