@@ -15,7 +15,8 @@ metrics.
 Exit status (see jaxtrain/errors.py): 0 done; 2 bad input (a missing config file, an
 unknown or mistyped override, a mesh that does not fit the devices, a workdir another run
 holds, ...: one line `jaxtrain: error: ...`, and the workdir untouched); 3 a non-finite
-loss, gradient or update stopped the run (config.nonfinite); 74 the disk or file system
+loss, gradient or update stopped the run (config.nonfinite); 65 a data set's files are
+damaged (one line naming the file and what rebuilds it); 74 the disk or file system
 failed (one line naming the path and the cause); 75 preempted (SIGTERM): a checkpoint of
 the last step has committed, rerun the same command; 130 Ctrl-C, likewise.
 """
@@ -28,7 +29,7 @@ import sys
 from collections.abc import Callable
 
 from jaxtrain.config import config_path, load_config
-from jaxtrain.errors import EXIT_BAD_INPUT, EXIT_IO, ConfigError, StorageError
+from jaxtrain.errors import EXIT_BAD_INPUT, EXIT_DATA, EXIT_IO, ConfigError, DataError, StorageError
 
 USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
                       [--coordinator_address=HOST:PORT --num_processes=N --process_id=I]
@@ -180,6 +181,8 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
         return _train(flag_values) if command == "train" else _plan(flag_values)
     except ConfigError as e:
         return _error(e)
+    except DataError as e:  # a StorageError, but its own status
+        return _error(e, EXIT_DATA)
     except StorageError as e:
         return _error(e, EXIT_IO)
 
@@ -276,6 +279,8 @@ class _RunCommand:
             return self.run(flag_values, rest)
         except ConfigError as e:
             return _error(e)
+        except DataError as e:  # a StorageError, but its own status
+            return _error(e, EXIT_DATA)
         except StorageError as e:
             return _error(e, EXIT_IO)
 

@@ -4,6 +4,8 @@
 2   bad input (ConfigError): a config, flag, workdir or data set the run refuses, one
     line naming it; nothing in the workdir changed
 3   a non-finite loss, gradient or update stopped the run (jaxtrain.nonfinite)
+65  a data set's files are damaged (DataError): one line naming the data set, the file
+    and what rebuilds it; a bundled data set is rebuilt when the next run starts
 74  the environment failed (StorageError): disk full, permission denied, an I/O
     error; the last whole checkpoint is intact, rerun once the cause is fixed
 75  preempted (SIGTERM): a checkpoint of the last step has committed; rerun
@@ -14,6 +16,7 @@ import difflib
 
 EXIT_BAD_INPUT = 2
 EXIT_NONFINITE = 3
+EXIT_DATA = 65  # EX_DATAERR (sysexits.h): the input data was incorrect
 EXIT_IO = 74  # EX_IOERR (sysexits.h)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: "temporary failure, try again"
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention
@@ -31,6 +34,19 @@ class StorageError(RuntimeError):
     """The environment failed under the run (disk full, permission, I/O): exit status 74.
 
     The message names the path and the cause; the newest whole checkpoint is intact.
+    """
+
+
+class DataError(StorageError):
+    """A data set's files are damaged: a shard fails its checksum, is cut short or gone,
+    or its metadata does not load. Exit status 65.
+
+    Neither bad input (the request was fine) nor a failing disk (rerunning will not help
+    until the files are rebuilt): the message names the data set, the file and what
+    rebuilds it. A StorageError, so a caller catching those catches this too. A bundled
+    data set (digits, pysource) found damaged when a run starts is set aside and rebuilt
+    instead; this is raised for damage found mid-run (the run stops, its last whole
+    checkpoint intact; the next run rebuilds) and for data sets jaxtrain cannot rebuild.
     """
 
 

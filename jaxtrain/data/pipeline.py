@@ -6,11 +6,14 @@ seed, each process reads only its own slice, and the iterator position is a smal
 that the checkpoint stores.
 """
 
+import contextlib
 import errno
 import fcntl
+import json
 import math
 import os
 import queue
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -21,18 +24,24 @@ import numpy as np
 import tensorflow_datasets as tfds
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tensorflow_datasets.core.utils import file_utils
 
-from jaxtrain.errors import ConfigError, StorageError, did_you_mean
+from jaxtrain.errors import ConfigError, DataError, StorageError, did_you_mean
 from jaxtrain.sharding import Rules, batch_axes, check_divisible
 
 BUNDLED = ("digits", "pysource")
+_METADATA = ("dataset_info.json", "features.json")
 
 
 def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuilder:
-    """The TFDS builder for a bundled or catalog data set name; writes nothing.
+    """The TFDS builder for a bundled or catalog data set name.
+
+    Writes nothing, except that a bundled data set whose metadata no longer loads is set
+    aside (its version directory renamed `*.damaged`) to be built again on first use.
 
     Raises:
       ConfigError: no such data set (with the closest name).
+      DataError: a catalog data set whose metadata (dataset_info.json) does not load.
     """
     from jaxtrain.data import builders  # noqa: F401  (registers digits and pysource)
 
@@ -41,17 +50,63 @@ def get_builder(name: str, data_dir: str | None = None) -> tfds.core.DatasetBuil
             f"config.data.name is empty: name a bundled data set {BUNDLED} or a TFDS catalog one"
         )
     try:
-        return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+        return _builder(name, data_dir)
     except tfds.core.registered.DatasetNotFoundError:
         known = [*BUNDLED, *tfds.list_builders(with_community_datasets=False)]
         raise ConfigError(
             f"unknown data set {name!r}{did_you_mean(name, known)}: neither bundled "
             f"{BUNDLED}, nor 'synthetic' (random examples, for timing), nor in the TFDS catalog"
         ) from None
+    except _Damaged as damage:
+        if not damage.bundled:
+            raise damage.error() from damage.__cause__
+        with _data_dir_lock(damage.root, damage.data_set):
+            try:
+                return _builder(name, data_dir)  # another run set it aside while this one waited
+            except _Damaged:
+                target = _set_aside(damage)
+        print(f"data set {name!r}: {damage.cause()}; set aside as {target}", flush=True)
+        return _builder(name, data_dir)  # built again by from_tfds, on first use
+
+
+def _builder(name: str, data_dir: str | None) -> tfds.core.DatasetBuilder:
+    try:
+        return tfds.builder(name, data_dir=data_dir or None, file_format="array_record")
+    except tfds.core.registered.DatasetNotFoundError:
+        raise
+    except Exception as e:  # the data set is there, but is its metadata what failed?
+        root, version_dir = _version_dir(name, data_dir)
+        if version_dir is None or not os.path.exists(os.path.join(version_dir, _METADATA[0])):
+            raise
+        bundled = str(tfds.core.naming.parse_builder_name_kwargs(name)[0]) in BUNDLED
+        path = _metadata_file(version_dir)
+        raise _Damaged(name, version_dir, path, e, bundled, root=root) from e
+
+
+def _version_dir(name: str, data_dir: str | None) -> tuple[str | None, str | None]:
+    """(data dir, `<data dir>/<name>/<config>/<version>`) as TFDS lays them out, or Nones."""
+    try:
+        dataset, kwargs = tfds.core.naming.parse_builder_name_kwargs(name)
+        cls = tfds.builder_cls(str(dataset))
+        configs = getattr(cls, "BUILDER_CONFIGS", None) or []
+        default = getattr(cls, "DEFAULT_BUILDER_CONFIG_NAME", None)
+        config = kwargs.get("config") or default or (configs[0].name if configs else None)
+        root, version_dir = file_utils.get_data_dir_and_dataset_dir(
+            data_dir or None, cls.name, config, kwargs.get("version") or cls.VERSION
+        )
+        return os.fspath(root), os.fspath(version_dir)
+    except Exception:  # a name TFDS resolves some other way: not one we can name
+        return None, None
 
 
 def from_tfds(builder, split: str, *, data_dir: str | None = None) -> grain.MapDataset:
     """A split of a TFDS data set as examples (its records), prepared on first use.
+
+    A bundled data set is checked too, each record of `split` read and its checksums
+    verified (0.07 s for pysource's 30 MB training split): when damaged, its version
+    directory is set aside as `*.damaged` (kept, never deleted), built again, and one
+    line says so. Damage found later, as records are read, is a DataError naming the
+    file, for every data set.
 
     Args:
       builder: a data set name (bundled or catalog) or a `tfds.core.DatasetBuilder`, such
@@ -65,24 +120,27 @@ def from_tfds(builder, split: str, *, data_dir: str | None = None) -> grain.MapD
 
     Raises:
       ConfigError: an unknown data set or split.
+      DataError: a data set that is not bundled is damaged (its metadata, or a shard
+        missing); or a record fails to read.
     """
     if isinstance(builder, str):
         builder = get_builder(builder, data_dir)
-    if jax.process_index() == 0 and not builder.is_prepared():
-        builder = _prepare(builder)
+    if jax.process_index() == 0:
+        builder = _prepare(builder, split)
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(f"jaxtrain:prepared:{builder.name}")
-        builder = tfds.builder_from_directory(builder.data_dir)  # as process 0 wrote it
+        builder = _from_directory(builder)  # as process 0 wrote (or checked) it
     known = builder.info.splits  # empty only for a mocked builder (tfds.testing.mock_data)
     if known and split not in known:
         raise ConfigError(
             f"data set {builder.name!r} has no split {split!r}; splits: {sorted(known)}"
         )
-    return grain.MapDataset.source(builder.as_data_source(split=split))
+    return grain.MapDataset.source(CheckedSource(builder, split))
 
 
-def _prepare(builder):
-    """Builds a data set on first use; two runs building one fresh data dir take turns.
+def _prepare(builder, split: str):
+    """Builds a data set on first use, or a bundled one again when it is damaged; two
+    runs sharing a data dir take turns, and only the first builds.
 
     Returns:
       The builder to read with (reloaded when another run built the data set meanwhile).
@@ -90,27 +148,231 @@ def _prepare(builder):
     Raises:
       ConfigError: the data dir cannot be used (not a directory, read-only, no access).
       StorageError: the disk filled or failed while building.
+      DataError: a data set jaxtrain does not build is damaged (no dataset_info.json).
     """
+    bundled = _is_bundled(builder)
+    if builder.is_prepared() and not (bundled and _damage(builder, split)):
+        return builder  # checked without the lock: the common case waits for no other run
     root = str(builder.data_dir_root)
+    with _data_dir_lock(root, builder.name):
+        if bundled:
+            builder = _reloaded(builder)  # as the run that held the lock may have left it
+            damage = _damage(builder, split) if builder.is_prepared() else _no_metadata(builder)
+            if builder.is_prepared() and damage is None:
+                return builder
+            reason = "first use"
+            if damage is not None:
+                reason = f"again: {damage.cause()}; set aside as {_set_aside(damage)}"
+                builder = _reloaded(builder)
+        else:
+            if builder.is_prepared():  # the other run built it while this one waited
+                return tfds.builder_from_directory(builder.data_dir)
+            if (damage := _no_metadata(builder)) is not None:
+                raise damage.error()
+            reason = "first use"
+        print(f"preparing data set {builder.name!r} in {builder.data_dir} ({reason})", flush=True)
+        tfds.disable_progress_bar()
+        builder.download_and_prepare(file_format="array_record")
+        return builder
+
+
+@contextlib.contextmanager
+def _data_dir_lock(root: str, data_set: str):
+    """Holds the data dir's lock: one run at a time prepares, sets aside or rebuilds.
+
+    Raises:
+      ConfigError: the data dir cannot be used (not a directory, read-only, no access).
+      StorageError: the disk filled or failed.
+    """
     try:
         os.makedirs(root, exist_ok=True)
         with open(os.path.join(root, ".jaxtrain-prepare.lock"), "a") as lock:
             # TFDS writes to a temporary directory and renames it into place, but two
             # builders of one data set at once collide on that rename (FileExistsError).
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if builder.is_prepared():  # the other run built it while this one waited
-                return tfds.builder_from_directory(builder.data_dir)
-            print(
-                f"preparing data set {builder.name!r} in {builder.data_dir} (first use)", flush=True
-            )
-            tfds.disable_progress_bar()
-            builder.download_and_prepare(file_format="array_record")
-            return builder
+            yield
     except OSError as e:
-        message = f"cannot prepare data set {builder.name!r} in {root!r}: {e.strerror or e}"
+        message = f"cannot prepare data set {data_set!r} in {root!r}: {e.strerror or e}"
         if e.errno in (errno.ENOSPC, errno.EIO, errno.EDQUOT):
             raise StorageError(message) from e
         raise ConfigError(message + " (set config.data.data_dir to a writable directory)") from e
+
+
+# --- Damaged data sets: found, named, set aside --------------------------------------------
+
+
+class _Damaged(Exception):
+    """What is wrong with one version directory of a data set (internal: becomes a
+    DataError, or for a bundled data set a rebuild)."""
+
+    def __init__(self, data_set, version_dir, path, error, bundled, root=None):
+        super().__init__(f"{path}: {error}")
+        self.data_set, self.version_dir, self.path = data_set, os.fspath(version_dir), path
+        self.reason, self.bundled, self.root = _short(error), bundled, root
+
+    def cause(self) -> str:
+        return f"{self.path} is damaged: {self.reason}"
+
+    def error(self) -> StorageError:
+        return _read_failure(self.data_set, self.path, self.reason, self.bundled, self.version_dir)
+
+
+def _short(error) -> str:
+    """The first clause of a reader's message (riegeli appends offsets and hashes)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    text = re.sub(r'^Failed to construct dataset "[^"]*", builder_kwargs "[^"]*": ', "", text)
+    return text.split(" (computed")[0].split("; opening ")[0].split(". This likely")[0].rstrip(".")
+
+
+def _read_failure(data_set, path, reason, bundled, version_dir) -> StorageError:
+    """The error a file of a data set that failed to read becomes (one line)."""
+    if any(s in reason for s in ("Permission denied", "Input/output error")):
+        return StorageError(f"cannot read data set {data_set!r}: {path}: {reason}")
+    if bundled:
+        fix = "rerun: a damaged bundled data set is set aside and rebuilt when a run starts"
+    else:
+        fix = (
+            f"rebuild it: mv {version_dir} {version_dir}.damaged, then rerun (a TFDS data "
+            "set is prepared on first use) or regenerate it with its builder (tfds build)"
+        )
+    return DataError(f"data set {data_set!r} is damaged: {path}: {reason}; {fix}")
+
+
+def _is_bundled(builder) -> bool:
+    from jaxtrain.data import builders
+
+    return isinstance(builder, builders.Digits | builders.Pysource)
+
+
+def _reloaded(builder):
+    """A bundled builder made again, reading its version directory as it is now."""
+    config = builder.builder_config.name if builder.builder_config else None
+    return type(builder)(data_dir=builder.data_dir_root, config=config, file_format="array_record")
+
+
+def _metadata_file(version_dir: str) -> str:
+    """The first metadata file that is missing or not JSON, or the directory."""
+    for name in _METADATA:
+        path = os.path.join(version_dir, name)
+        try:
+            with open(path, encoding="utf-8") as f:
+                json.load(f)
+        except (OSError, ValueError):
+            return path
+    return version_dir
+
+
+def _no_metadata(builder) -> _Damaged | None:
+    """A version directory without dataset_info.json: TFDS would "reuse" it, unreadable."""
+    if not os.path.isdir(builder.data_dir):
+        return None
+    return _Damaged(
+        builder.name,
+        builder.data_dir,
+        os.path.join(builder.data_dir, _METADATA[0]),
+        "missing",
+        _is_bundled(builder),
+    )
+
+
+def _from_directory(builder):
+    """The data set as its files describe it (what every process reads)."""
+    try:
+        return tfds.builder_from_directory(builder.data_dir)
+    except Exception as e:
+        path = _metadata_file(builder.data_dir)
+        raise _Damaged(builder.name, builder.data_dir, path, e, _is_bundled(builder)).error() from e
+
+
+def _damage(builder, split: str) -> _Damaged | None:
+    """What is wrong with a prepared data set's metadata or `split`'s shards, or None.
+
+    Reads every record of the split: ArrayRecord checks each chunk's hash as it reads,
+    so a flipped byte, a cut-short or empty shard and a missing one all show.
+    """
+    from array_record.python import array_record_module
+
+    try:
+        on_disk = tfds.builder_from_directory(builder.data_dir)  # both metadata files
+    except Exception as e:
+        return _Damaged(builder.name, builder.data_dir, _metadata_file(builder.data_dir), e, True)
+    if split not in on_disk.info.splits:
+        return None  # an unknown split: from_tfds says so
+    for shard in on_disk.info.splits[split].file_instructions:
+        path = os.fspath(shard.filename)
+        try:
+            reader = array_record_module.ArrayRecordReader(path)
+            try:
+                if reader.num_records() != shard.examples_in_shard:
+                    raise ValueError(
+                        f"{reader.num_records()} records, dataset_info.json says "
+                        f"{shard.examples_in_shard}"
+                    )
+                reader.read_all()
+            finally:
+                reader.close()
+        except (RuntimeError, ValueError, OSError) as e:
+            return _Damaged(builder.name, builder.data_dir, path, e, True)
+    return None
+
+
+def _set_aside(damage: _Damaged) -> str:
+    """Renames the damaged version directory out of TFDS's way; returns the new name."""
+    target = f"{damage.version_dir}.damaged"
+    n = 1
+    while os.path.exists(target):
+        n += 1
+        target = f"{damage.version_dir}.damaged-{n}"
+    os.rename(damage.version_dir, target)
+    return target
+
+
+class CheckedSource:
+    """A TFDS split's records, random access; a record that fails to read (a chunk
+    checksum, a cut-short or missing shard) raises DataError naming its file.
+
+    Args:
+      builder: a prepared TFDS builder.
+      split: the split's name.
+    """
+
+    def __init__(self, builder, split: str):
+        self._source = builder.as_data_source(split=split)
+        self._builder, self._split = builder, split
+
+    def __len__(self):
+        return len(self._source)
+
+    def __getitem__(self, index):
+        try:
+            return self._source[index]
+        except (RuntimeError, OSError) as e:  # riegeli's errors are RuntimeErrors
+            raise self._failure([index], e) from e
+
+    def __getitems__(self, indices):
+        try:
+            return self._source.__getitems__(indices)
+        except (RuntimeError, OSError) as e:
+            raise self._failure(indices, e) from e
+
+    def __repr__(self):
+        return f"CheckedSource({self._source!r})"
+
+    def _failure(self, indices, error) -> StorageError:
+        builder = self._builder
+        path = builder.data_dir
+        try:  # the shard holding the first record asked for
+            offset, first = 0, int(indices[0])
+            for shard in builder.info.splits[self._split].file_instructions:
+                if first < offset + shard.take:
+                    path = os.fspath(shard.filename)
+                    break
+                offset += shard.take
+        except Exception:  # a mocked builder has no file instructions: name the directory
+            pass
+        return _read_failure(
+            builder.name, path, _short(error), _is_bundled(builder), builder.data_dir
+        )
 
 
 class ArraySource:
@@ -357,6 +619,8 @@ class DevicePrefetcher:
         self.wait_seconds += time.perf_counter() - start
         if item is _END:
             raise StopIteration
+        if isinstance(item, ConfigError | StorageError):  # one line already (a DataError, ...)
+            raise item
         if isinstance(item, BaseException):
             raise RuntimeError(f"input pipeline failed: {item}") from item
         batch, self.local, self.state = item
