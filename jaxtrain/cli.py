@@ -27,7 +27,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from jaxtrain.config import config_path, load_config
+from jaxtrain.config import load_config
 from jaxtrain.errors import EXIT_BAD_INPUT, EXIT_IO, ConfigError, StorageError
 
 USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
@@ -77,13 +77,11 @@ def _dotted_keys(config, prefix=""):
             yield from _dotted_keys(value, f"{path}.")
 
 
-def _diagnose(argv, error: Exception) -> str:
-    """Turns a flag-parsing failure into one line that names what was wrong."""
-    spec = _flag_value(argv, "config")
-    try:
-        base = load_config(spec)
-    except Exception as e:  # the file itself does not load
-        return f"config file {spec.partition(':')[0]!r} failed to load: {type(e).__name__}: {e}"
+def _diagnose(argv, error: Exception, base) -> str:
+    """Turns a flag-parsing failure into one line that names what was wrong.
+
+    `base` is the config as its file gave it, before the overrides in `argv`.
+    """
     valid = set(_dotted_keys(base))
     for arg in argv:
         if arg.startswith("--config.") and "=" in arg:
@@ -117,30 +115,37 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
     spec = _flag_value(args, "config")
     if not spec:
         return _error("--config=FILE.py[:ARG] is required")
-    try:  # a bundled config's name becomes its path, for config_flags
-        resolved = config_path(spec) + spec[len(spec.partition(":")[0]) :]
-    except ConfigError as e:
-        return _error(e)
-    args = [f"--config={resolved}" if a == f"--config={spec}" else a for a in args]
     if command == "train" and not _flag_value(args, "workdir"):
         return _error("--workdir=DIR is required")
     if command == "plan" and not _flag_value(args, "topology"):
         return _error("--topology=NAME is required (v5p-64, v5e-16, h100x8, h100x8x4, cpu-8, ...)")
+    try:
+        # Loaded once, as jaxtrain.load_config loads it (a bundled config's name, a file
+        # that does not load, a get_config that returns no run config: one line each);
+        # config_flags then applies the --config.KEY=VALUE overrides to it.
+        base = load_config(spec)
+    except ConfigError as e:
+        return _error(e)
+    args = [a for a in args if a != f"--config={spec}"]
 
     from absl import flags
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
     command_line = [program, *args]
-    # config_flags finds the --config.KEY overrides in `sys_argv`, not in what is parsed.
-    config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "Config file (get_config(arg)); override fields with --config.KEY=VALUE.",
-        flag_values=flag_values,
-        lock_config=True,
-        sys_argv=command_line,
-    )
+    # config_flags finds the --config.KEY overrides in `sys_argv`, not in what is parsed,
+    # and defines a flag for each now: a key the config lacks fails here.
+    try:
+        config_flags.DEFINE_config_dict(
+            "config",
+            base,  # locked: an override changes a value, never which keys there are
+            "Config file (get_config(arg)); override fields with --config.KEY=VALUE.",
+            flag_values=flag_values,
+            lock_config=True,
+            sys_argv=command_line,
+        )
+    except Exception as e:
+        return _error(_diagnose(args, e, base))
     if command == "train":
         flags.DEFINE_string(
             "workdir", None, "Run directory: config, metrics, checkpoints.", flag_values=flag_values
@@ -175,7 +180,7 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
     try:
         flag_values(command_line)
     except Exception as e:  # absl flag errors, unknown config keys, bad values
-        return _error(_diagnose(args, e))
+        return _error(_diagnose(args, e, base))
     try:
         return _train(flag_values) if command == "train" else _plan(flag_values)
     except ConfigError as e:
