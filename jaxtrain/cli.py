@@ -407,8 +407,9 @@ def _export_flags(flags, flag_values):
 def _export(flag_values, rest) -> int:
     from jaxtrain import export
 
+    # Checked before the run is loaded: a bad name costs nothing and writes nothing.
+    platforms = export.check_platforms(flag_values.platforms or None)
     run = _load(flag_values)
-    platforms = tuple(flag_values.platforms) if flag_values.platforms else None
     exported = export.export_inference(run, input_key=flag_values.input_key, platforms=platforms)
     size = export.save(exported, flag_values.out)
     print(
