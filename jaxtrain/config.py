@@ -211,8 +211,19 @@ def validate(config) -> None:
         f"at most {MAX_STEPS} (the step counter is an int32)",
     )
     check_eval_steps(config.eval_steps)
-    require(is_int(config.seed), "seed", config.seed, "an integer")
-    require(is_int(config.data.seed), "data.seed", config.data.seed, "an integer")
+    # jax's keys take a 64-bit seed; grain's and numpy's shuffles a non-negative one.
+    require(
+        is_int(config.seed) and -(2**63) <= config.seed < 2**63,
+        "seed",
+        config.seed,
+        "a 64-bit integer",
+    )
+    require(
+        is_int(config.data.seed) and 0 <= config.data.seed < 2**63,
+        "data.seed",
+        config.data.seed,
+        "an integer from 0 to 2**63 - 1",
+    )
     require(
         is_int(config.data.prefetch) and config.data.prefetch >= 1,
         "data.prefetch",
@@ -229,7 +240,11 @@ def validate(config) -> None:
     for key, ok, what in (
         ("lr", is_number(o.lr) and o.lr >= 0, "a finite number >= 0"),
         ("min_lr_ratio", is_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
-        ("warmup_steps", is_int(o.warmup_steps) and o.warmup_steps >= 0, "an integer >= 0"),
+        (
+            "warmup_steps",
+            is_int(o.warmup_steps) and 0 <= o.warmup_steps <= MAX_STEPS,
+            f"an integer from 0 to {MAX_STEPS} (steps are int32)",
+        ),
         ("b1", is_number(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
         ("b2", is_number(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
         ("eps", is_number(o.eps) and o.eps > 0, "a positive number"),

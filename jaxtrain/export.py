@@ -46,7 +46,11 @@ def check_platforms(platforms) -> tuple[str, ...] | None:
     platforms = tuple(platforms)
     for platform in platforms:
         if platform not in PLATFORMS:
-            hint = did_you_mean(str(platform).lower(), PLATFORMS)
+            hint = (
+                " (jax exports for 'cuda' (NVIDIA) or 'rocm' (AMD), not 'gpu')"
+                if str(platform).lower() == "gpu"
+                else did_you_mean(str(platform).lower(), PLATFORMS)
+            )
             raise ConfigError(
                 f"unknown export platform {platform!r}{hint}; choose from {', '.join(PLATFORMS)} "
                 "(e.g. --platforms=cpu,cuda,tpu)"
