@@ -243,7 +243,7 @@ def validate(config) -> None:
         (
             "warmup_steps",
             is_int(o.warmup_steps) and 0 <= o.warmup_steps <= MAX_STEPS,
-            f"an integer from 0 to {MAX_STEPS} (steps are int32)",
+            f"an integer >= 0 and at most {MAX_STEPS} (steps are int32)",
         ),
         ("b1", is_number(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
         ("b2", is_number(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),

@@ -238,14 +238,15 @@ def generate(
     length = prompt.shape[1]
     if not (is_int(max_new_tokens) and 1 <= max_new_tokens <= MAX_POSITIONS - length):
         raise ConfigError(
-            f"max_new_tokens must be an integer from 1 to {MAX_POSITIONS - length:,} "
+            f"max_new_tokens must be >= 1, an integer of at most {MAX_POSITIONS - length:,} "
             f"(positions are int32), got {max_new_tokens!r}"
         )
     if not (is_number(temperature) and temperature >= 0):
-        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        raise ConfigError(f"temperature must be >= 0 and finite, got {temperature!r}")
     if not (is_int(top_k) and 0 <= top_k <= vocab_size):
         raise ConfigError(
-            f"top_k must be an integer from 0 to the vocabulary size {vocab_size}, got {top_k!r}"
+            f"top_k must be between 0 and the vocabulary size {vocab_size} (an integer), "
+            f"got {top_k!r}"
         )
     if not (is_int(seed) and -(2**63) <= seed < 2**63):
         raise ConfigError(f"seed must be a 64-bit integer, got {seed!r}")
