@@ -28,7 +28,7 @@ import signal
 import sys
 from collections.abc import Callable
 
-from jaxtrain.config import config_path, load_config
+from jaxtrain.config import load_config
 from jaxtrain.errors import EXIT_BAD_INPUT, EXIT_DATA, EXIT_IO, ConfigError, DataError, StorageError
 
 USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
@@ -78,13 +78,11 @@ def _dotted_keys(config, prefix=""):
             yield from _dotted_keys(value, f"{path}.")
 
 
-def _diagnose(argv, error: Exception) -> str:
-    """Turns a flag-parsing failure into one line that names what was wrong."""
-    spec = _flag_value(argv, "config")
-    try:
-        base = load_config(spec)
-    except Exception as e:  # the file itself does not load
-        return f"config file {spec.partition(':')[0]!r} failed to load: {type(e).__name__}: {e}"
+def _diagnose(argv, error: Exception, base) -> str:
+    """Turns a flag-parsing failure into one line that names what was wrong.
+
+    `base` is the config as its file gave it, before the overrides in `argv`.
+    """
     valid = set(_dotted_keys(base))
     for arg in argv:
         if arg.startswith("--config.") and "=" in arg:
@@ -118,30 +116,37 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
     spec = _flag_value(args, "config")
     if not spec:
         return _error("--config=FILE.py[:ARG] is required")
-    try:  # a bundled config's name becomes its path, for config_flags
-        resolved = config_path(spec) + spec[len(spec.partition(":")[0]) :]
-    except ConfigError as e:
-        return _error(e)
-    args = [f"--config={resolved}" if a == f"--config={spec}" else a for a in args]
     if command == "train" and not _flag_value(args, "workdir"):
         return _error("--workdir=DIR is required")
     if command == "plan" and not _flag_value(args, "topology"):
         return _error("--topology=NAME is required (v5p-64, v5e-16, h100x8, h100x8x4, cpu-8, ...)")
+    try:
+        # Loaded once, as jaxtrain.load_config loads it (a bundled config's name, a file
+        # that does not load, a get_config that returns no run config: one line each);
+        # config_flags then applies the --config.KEY=VALUE overrides to it.
+        base = load_config(spec)
+    except ConfigError as e:
+        return _error(e)
+    args = [a for a in args if a != f"--config={spec}"]
 
     from absl import flags
     from ml_collections import config_flags
 
     flag_values = flags.FlagValues()
     command_line = [program, *args]
-    # config_flags finds the --config.KEY overrides in `sys_argv`, not in what is parsed.
-    config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "Config file (get_config(arg)); override fields with --config.KEY=VALUE.",
-        flag_values=flag_values,
-        lock_config=True,
-        sys_argv=command_line,
-    )
+    # config_flags finds the --config.KEY overrides in `sys_argv`, not in what is parsed,
+    # and defines a flag for each now: a key the config lacks fails here.
+    try:
+        config_flags.DEFINE_config_dict(
+            "config",
+            base,  # locked: an override changes a value, never which keys there are
+            "Config file (get_config(arg)); override fields with --config.KEY=VALUE.",
+            flag_values=flag_values,
+            lock_config=True,
+            sys_argv=command_line,
+        )
+    except Exception as e:
+        return _error(_diagnose(args, e, base))
     if command == "train":
         flags.DEFINE_string(
             "workdir", None, "Run directory: config, metrics, checkpoints.", flag_values=flag_values
@@ -176,7 +181,7 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
     try:
         flag_values(command_line)
     except Exception as e:  # absl flag errors, unknown config keys, bad values
-        return _error(_diagnose(args, e))
+        return _error(_diagnose(args, e, base))
     try:
         return _train(flag_values) if command == "train" else _plan(flag_values)
     except ConfigError as e:
@@ -366,7 +371,10 @@ def _eval_flags(flags, flag_values):
 
 def _eval(flag_values, rest) -> int:
     from jaxtrain import metrics, runs
+    from jaxtrain.config import check_eval_steps
 
+    if flag_values.eval_steps is not None:  # before the run loads: nothing else to wait for
+        check_eval_steps(flag_values.eval_steps, "--eval_steps")
     run = _load(flag_values)
     split = runs.eval_split_name(run, flag_values.split)
     result = runs.evaluate_run(run, flag_values.split, flag_values.eval_steps)
@@ -407,8 +415,9 @@ def _export_flags(flags, flag_values):
 def _export(flag_values, rest) -> int:
     from jaxtrain import export
 
+    # Checked before the run is loaded: a bad name costs nothing and writes nothing.
+    platforms = export.check_platforms(flag_values.platforms or None)
     run = _load(flag_values)
-    platforms = tuple(flag_values.platforms) if flag_values.platforms else None
     exported = export.export_inference(run, input_key=flag_values.input_key, platforms=platforms)
     size = export.save(exported, flag_values.out)
     print(

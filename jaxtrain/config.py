@@ -62,14 +62,89 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
       The ConfigDict, unlocked: set fields as attributes (`config.optim.lr = 1e-3`).
 
     Raises:
-      ConfigError: the file does not exist.
+      ConfigError: the file does not exist, does not load (its error, in a line), has no
+        `get_config`, or returns something that is not a run config (see `check_fields`).
     """
     path = config_path(spec)
-    arg = spec.partition(":")[2]
-    module_spec = importlib.util.spec_from_file_location("_jaxtrain_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg) if arg else module.get_config()
+    name, colon, arg = spec.partition(":")
+    try:
+        module_spec = importlib.util.spec_from_file_location("_jaxtrain_config", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        if not callable(get_config):
+            raise ConfigError(
+                f"config file {name!r} has no get_config() function "
+                "(def get_config(arg=None): returning an ml_collections.ConfigDict)"
+            )
+        # As config_flags calls it: `FILE.py:` passes "".
+        config = get_config(arg) if colon else get_config()
+    except ConfigError:
+        raise
+    except Exception as e:  # the user's code: its error, in a line, with the file's name
+        reason = " ".join(f"{type(e).__name__}: {e}".split())[:400]
+        raise ConfigError(f"config file {name!r} failed to load: {reason}") from e
+    check_fields(config, name)
+    return config
+
+
+def check_fields(config, source: str | None = None) -> None:
+    """Checks that `config` is a ConfigDict with every field of configs/base.py.
+
+    A config that does not start from `base.get_config()` (a plain dict, None, a
+    ConfigDict built from nothing) would otherwise fail later with a KeyError on the first
+    field read. The mesh's axes are the exception: an axis left out has size 1.
+
+    Args:
+      config: what a config file's `get_config` returned, or a config built in code.
+      source: the config file's name, for the message; None: built in code.
+
+    Raises:
+      ConfigError: naming the file and what is wrong.
+    """
+    from jaxtrain.configs import base
+
+    if not isinstance(config, ml_collections.ConfigDict):
+        got = type(config).__name__
+        what = f"config file {source!r}: get_config() returned" if source else "the config is a"
+        raise ConfigError(
+            f"{what} {got}, not an ml_collections.ConfigDict: start from "
+            "jaxtrain.configs.base (c = base.get_config())"
+        )
+    # Each missing field once, at its shallowest level: "data", not each field of it.
+    missing = list(
+        dict.fromkeys(
+            _missing_part(config, "mesh" if key.startswith("mesh.") else key)
+            for key in _dotted_fields(base.get_config())
+        )
+    )
+    missing = [key for key in missing if key]
+    if missing:
+        listed = ", ".join(repr(key) for key in missing[:3])
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ConfigError(
+            f"{f'config file {source!r}: ' if source else ''}the config has no field "
+            f"{listed}{more}: start from "
+            "jaxtrain.configs.base (c = base.get_config()), which has every field a run reads"
+        )
+
+
+def _dotted_fields(config, prefix=""):
+    for key, value in config.items():
+        if isinstance(value, ml_collections.ConfigDict) and len(value):
+            yield from _dotted_fields(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+def _missing_part(config, dotted: str) -> str | None:
+    """The shortest prefix of the dotted field `dotted` that `config` lacks, or None."""
+    node, parts = config, dotted.split(".")
+    for i, key in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or key not in node:
+            return ".".join(parts[: i + 1])
+        node = node[key]
+    return None
 
 
 # The step counter is an int32 on device.
@@ -95,6 +170,18 @@ def is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def check_eval_steps(value, field: str = "config.eval_steps") -> None:
+    """Eval batches per evaluation: a positive integer, or -1 for the whole split.
+
+    Raises:
+      ConfigError: anything else (0 or -5 would otherwise read as "all" unnoticed).
+    """
+    if not (is_int(value) and (value == -1 or value >= 1)):
+        raise ConfigError(
+            f"{field} must be a positive integer or -1 (all of the split), got {value!r}"
+        )
+
+
 def validate(config) -> None:
     """Checks a run config's values before anything is built or written.
 
@@ -114,6 +201,7 @@ def validate(config) -> None:
         tracking,
     )
 
+    check_fields(config)
     for key in _POSITIVE:
         require(is_int(config[key]) and config[key] > 0, key, config[key], "a positive integer")
     require(
@@ -122,9 +210,20 @@ def validate(config) -> None:
         config.num_train_steps,
         f"at most {MAX_STEPS} (the step counter is an int32)",
     )
-    require(is_int(config.eval_steps), "eval_steps", config.eval_steps, "an integer (-1: all)")
-    require(is_int(config.seed), "seed", config.seed, "an integer")
-    require(is_int(config.data.seed), "data.seed", config.data.seed, "an integer")
+    check_eval_steps(config.eval_steps)
+    # jax's keys take a 64-bit seed; grain's and numpy's shuffles a non-negative one.
+    require(
+        is_int(config.seed) and -(2**63) <= config.seed < 2**63,
+        "seed",
+        config.seed,
+        "a 64-bit integer",
+    )
+    require(
+        is_int(config.data.seed) and 0 <= config.data.seed < 2**63,
+        "data.seed",
+        config.data.seed,
+        "an integer from 0 to 2**63 - 1",
+    )
     require(
         is_int(config.data.prefetch) and config.data.prefetch >= 1,
         "data.prefetch",
@@ -141,7 +240,11 @@ def validate(config) -> None:
     for key, ok, what in (
         ("lr", is_number(o.lr) and o.lr >= 0, "a finite number >= 0"),
         ("min_lr_ratio", is_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
-        ("warmup_steps", is_int(o.warmup_steps) and o.warmup_steps >= 0, "an integer >= 0"),
+        (
+            "warmup_steps",
+            is_int(o.warmup_steps) and 0 <= o.warmup_steps <= MAX_STEPS,
+            f"an integer >= 0 and at most {MAX_STEPS} (steps are int32)",
+        ),
         ("b1", is_number(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
         ("b2", is_number(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
         ("eps", is_number(o.eps) and o.eps > 0, "a positive number"),

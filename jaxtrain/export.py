@@ -25,7 +25,41 @@ import numpy as np
 from jax import export
 
 from jaxtrain import data, files, steps
-from jaxtrain.errors import ConfigError
+from jaxtrain.errors import ConfigError, did_you_mean
+
+# The platforms jax.export lowers for (its docs: "JAX built-in platforms are 'tpu', 'cpu',
+# 'cuda', 'rocm'"). jax takes any other name too and writes a file no device can run: a
+# misspelt name is refused here instead.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
+
+
+def check_platforms(platforms) -> tuple[str, ...] | None:
+    """`platforms` as `export_inference` takes them: known names, each once; None stays None.
+
+    Raises:
+      ConfigError: an unknown or repeated platform, naming the valid choices.
+    """
+    if platforms is None:
+        return None
+    if isinstance(platforms, str):  # "cpu" is one platform, not three letters
+        platforms = (platforms,)
+    platforms = tuple(platforms)
+    for platform in platforms:
+        if platform not in PLATFORMS:
+            hint = (
+                " (jax exports for 'cuda' (NVIDIA) or 'rocm' (AMD), not 'gpu')"
+                if str(platform).lower() == "gpu"
+                else did_you_mean(str(platform).lower(), PLATFORMS)
+            )
+            raise ConfigError(
+                f"unknown export platform {platform!r}{hint}; choose from {', '.join(PLATFORMS)} "
+                "(e.g. --platforms=cpu,cuda,tpu)"
+            )
+        if platforms.count(platform) > 1:
+            raise ConfigError(f"export platform {platform!r} is listed twice in {list(platforms)}")
+    if not platforms:
+        raise ConfigError(f"no export platforms given; choose from {', '.join(PLATFORMS)}")
+    return platforms
 
 
 def input_spec(run, input_key: str = "inputs") -> jax.ShapeDtypeStruct:
@@ -58,15 +92,17 @@ def export_inference(
     Args:
       run: a `jaxtrain.Run` (`jaxtrain.load_run`).
       input_key: which array of the task's examples the model takes.
-      platforms: the platforms to export for ("cpu", "cuda", "rocm", "tpu"); None: the
-        default backend's.
+      platforms: the platforms to export for, any of `PLATFORMS` ("cpu", "cuda", "rocm",
+        "tpu"), whatever this machine has; None: the default backend's.
 
     Returns:
       A `jax.export.Exported` for one device; `.serialize()` gives the file's bytes.
 
     Raises:
-      ConfigError: no such input, or a model that does not export (its error, in a line).
+      ConfigError: an unknown platform, no such input, or a model that does not export
+        (its error, in a line).
     """
+    platforms = check_platforms(platforms)
     spec = input_spec(run, input_key)
     # Gathered to the host once: the weights become constants of the exported program,
     # which then needs neither the training mesh nor the arrays' shardings.
@@ -78,7 +114,7 @@ def export_inference(
 
     try:
         return export.export(jax.jit(forward), platforms=platforms)(spec)
-    except Exception as e:  # shape polymorphism or an unknown platform: say what failed
+    except Exception as e:  # shape polymorphism, an op with no lowering: say what failed
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:400]
         raise ConfigError(f"model {run.task.name!r} does not export: {reason}") from e
 

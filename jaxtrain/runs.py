@@ -20,6 +20,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from jaxtrain import checkpoint, data, integrity, optim, sharding, steps
+from jaxtrain import config as config_lib
 from jaxtrain import state as state_lib
 from jaxtrain import tasks as tasks_lib
 from jaxtrain.errors import ConfigError, StorageError
@@ -214,7 +215,8 @@ def evaluate_run(run: Run, split: str | None = None, eval_steps: int | None = No
       {metric: value}, means over the evaluated examples.
 
     Raises:
-      ConfigError: no eval data, an unknown split, a batch the mesh does not split.
+      ConfigError: no eval data, an unknown split, a batch the mesh does not split,
+        `eval_steps` neither positive nor -1.
     """
     config = copy.deepcopy(run.config)
     task = run.task
@@ -223,6 +225,7 @@ def evaluate_run(run: Run, split: str | None = None, eval_steps: int | None = No
         config.data.eval_split = split
         task = tasks_lib.from_config(config)  # its eval data reads the new split
     if eval_steps is not None:
+        config_lib.check_eval_steps(eval_steps, "eval_steps")
         config.eval_steps = eval_steps
     if task.eval_data is None:
         raise ConfigError(f"task {task.name!r} has no eval data")

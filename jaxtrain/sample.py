@@ -13,12 +13,15 @@ max_length) -> cache` and `decode(tokens, cache, index) -> (logits, cache)` (see
 `jaxtrain/models/gpt.py`).
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtrain import sharding, steps
+from jaxtrain.config import is_int, is_number
 from jaxtrain.errors import ConfigError
 from jaxtrain.state import StateLayout
 from jaxtrain.tasks.lm import DOCUMENT_SEPARATOR
@@ -116,8 +119,8 @@ def make_generate(layout: StateLayout, max_new_tokens: int):
     return generate
 
 
-# (layout, max_new_tokens, batch size) -> the jitted generate: a notebook sampling again
-# reuses its compiled programs (one per prompt length; any seed, temperature or top_k).
+# (layout, max_new_tokens, batch size) -> the jitted generate and its compiled programs
+# by prompt shape: a notebook sampling again reuses them (any seed, temperature or top_k).
 _JITTED: dict[tuple, tuple] = {}
 
 
@@ -138,8 +141,64 @@ def _jitted_generate(run, max_new_tokens: int, batch_size: int):
     )
     if len(_JITTED) >= 8:
         _JITTED.clear()
-    _JITTED[key] = (layout, fn, rules, prompt_sharding)
-    return fn, rules, prompt_sharding
+    _JITTED[key] = (layout, fn, rules, prompt_sharding, {})
+    return fn, rules, prompt_sharding, _JITTED[key][-1]
+
+
+# Token positions are int32 on device.
+MAX_POSITIONS = 2**31 - 1
+
+
+def _free_bytes(devices) -> tuple[int, int, str]:
+    """(bytes one device may still allocate, how many devices share them, where they are).
+
+    GPUs and TPUs report their own memory (`memory_stats()`: bytes_limit less bytes_in_use,
+    the least of the mesh's devices); CPU devices share the host's memory, whose available
+    bytes Linux reports in /proc/meminfo (free pages elsewhere, which understates it).
+    """
+    stats = [d.memory_stats() for d in devices]
+    if all(stats) and all("bytes_limit" in s for s in stats):
+        free = min(s["bytes_limit"] - s.get("bytes_in_use", 0) for s in stats)
+        return free, 1, f"each {devices[0].device_kind} has {_gib(free)} free"
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        free = int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    local = [d for d in devices if d.process_index == jax.process_index()]
+    return free, max(len(local), 1), f"the host has {_gib(free)} available"
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_memory(compiled, devices, length: int, max_new_tokens: int) -> None:
+    """Refuses a generation whose KV cache and tokens do not fit the devices' memory.
+
+    The compiler's own figure for the program (`memory_analysis()`: its outputs and
+    temporaries, the cache among them) against what the devices have free, before any
+    of it is allocated; the weights are in memory already.
+
+    Raises:
+      ConfigError: with the size it needs, the limit, and about how many tokens fit.
+    """
+    analysis = compiled.memory_analysis()
+    if analysis is None:  # a backend that does not say: XLA's own error then
+        return
+    per_device = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+    free, sharing, limit = _free_bytes(devices)
+    need = per_device * sharing
+    if need <= free:
+        return
+    # The cache grows with the positions it holds: the tokens that fit, roughly.
+    fits = max(0, int(free / need * (length + max_new_tokens)) - length)
+    on = _gib(need) + (f" ({_gib(per_device)} on each of {sharing} devices)" if sharing > 1 else "")
+    raise ConfigError(
+        f"max_new_tokens={max_new_tokens} needs {on} (the KV cache of {length + max_new_tokens:,} "
+        f"positions), but {limit}: about {fits:,} new tokens fit"
+    )
 
 
 def generate(
@@ -170,42 +229,72 @@ def generate(
     """
     vocab_size = check_decodes(run)
     prompt = np.asarray(prompt)
-    if prompt.ndim != 2 or prompt.shape[1] < 1:
+    if prompt.ndim != 2 or prompt.shape[1] < 1 or prompt.shape[0] < 1:
         raise ConfigError(
-            f"the prompt must be [batch, length >= 1] tokens, got shape {prompt.shape}"
+            f"the prompt must be [batch >= 1, length >= 1] tokens, got shape {prompt.shape}"
         )
-    if max_new_tokens < 1:
-        raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature >= 0:
-        raise ConfigError(f"temperature must be >= 0, got {temperature}")
-    if not 0 <= top_k <= vocab_size:
+    if not np.issubdtype(prompt.dtype, np.integer):
+        raise ConfigError(f"prompt tokens must be integers, got {prompt.dtype}")
+    length = prompt.shape[1]
+    if not (is_int(max_new_tokens) and 1 <= max_new_tokens <= MAX_POSITIONS - length):
         raise ConfigError(
-            f"top_k must be between 0 and the vocabulary size {vocab_size}, got {top_k}"
+            f"max_new_tokens must be >= 1, an integer of at most {MAX_POSITIONS - length:,} "
+            f"(positions are int32), got {max_new_tokens!r}"
         )
+    if not (is_number(temperature) and temperature >= 0):
+        raise ConfigError(f"temperature must be >= 0 and finite, got {temperature!r}")
+    if not (is_int(top_k) and 0 <= top_k <= vocab_size):
+        raise ConfigError(
+            f"top_k must be between 0 and the vocabulary size {vocab_size} (an integer), "
+            f"got {top_k!r}"
+        )
+    if not (is_int(seed) and -(2**63) <= seed < 2**63):
+        raise ConfigError(f"seed must be a 64-bit integer, got {seed!r}")
     if prompt.min() < 0 or prompt.max() >= vocab_size:
         raise ConfigError(
             f"prompt tokens must be in [0, {vocab_size}), got {prompt.min()}..{prompt.max()}"
         )
-    fn, rules, prompt_sharding = _jitted_generate(run, max_new_tokens, prompt.shape[0])
+    fn, rules, prompt_sharding, compiled = _jitted_generate(run, max_new_tokens, prompt.shape[0])
+    args = (
+        run.state.params,
+        run.state.model_state,
+        jax.device_put(prompt.astype(np.int32), prompt_sharding),
+        jax.random.key(seed),
+        np.float32(temperature),
+        np.int32(top_k),
+    )
     with jax.set_mesh(run.layout.mesh), sharding.use_rules(rules):
-        tokens = fn(
-            run.state.params,
-            run.state.model_state,
-            jax.device_put(prompt.astype(np.int32), prompt_sharding),
-            jax.random.key(seed),
-            np.float32(temperature),
-            np.int32(top_k),
-        )
+        if prompt.shape not in compiled:
+            # Compiled ahead of the call, so its memory is known before any is allocated.
+            program = fn.lower(*args).compile()
+            check_memory(program, run.layout.mesh.devices.flat, length, max_new_tokens)
+            compiled[prompt.shape] = program
+        tokens = compiled[prompt.shape](*args)
     return np.asarray(jax.device_get(tokens))
 
 
-def encode(text: str) -> np.ndarray:
-    """A prompt's byte-level tokens [1, length]: the document separator, then its UTF-8 bytes.
+def encode(text: str | bytes) -> np.ndarray:
+    """A prompt's byte-level tokens [1, length]: the document separator, then its bytes.
 
     Every document of the training stream follows a separator (`jaxtrain.tasks.lm`), so a
     prompt starts where a document starts, and an empty prompt is a valid one.
+
+    `text` is UTF-8 encoded; bytes are taken as they are. The model reads bytes, so bytes
+    that are not UTF-8 are a prompt too: a command-line argument that is not UTF-8 arrives
+    as a str with its bytes escaped (Python's "surrogateescape"), and becomes those bytes.
+
+    Raises:
+      ConfigError: a str with other lone surrogates, which stand for no bytes.
     """
-    data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    if isinstance(text, str):
+        try:
+            text = text.encode("utf-8", errors="surrogateescape")
+        except UnicodeEncodeError as e:
+            raise ConfigError(
+                f"the prompt is not text: {text[e.start : e.end]!r} at position {e.start} is "
+                "a lone surrogate, which UTF-8 cannot encode"
+            ) from None
+    data = np.frombuffer(bytes(text), np.uint8).astype(np.int32)
     return np.concatenate([[DOCUMENT_SEPARATOR], data]).astype(np.int32)[None]
 
 
@@ -220,7 +309,7 @@ def decode_bytes(tokens) -> str:
 
 def sample_text(
     run,
-    prompt: str,
+    prompt: str | bytes,
     *,
     max_new_tokens: int = 200,
     temperature: float = 0.0,
@@ -228,6 +317,8 @@ def sample_text(
     seed: int = 0,
 ) -> str:
     """The continuation of `prompt` by a byte-level language model run (see `generate`).
+
+    `prompt` is text (UTF-8 encoded) or bytes (see `encode`).
 
     Raises:
       ConfigError: as `generate`, or a vocabulary that is not bytes (256 tokens).

@@ -8,6 +8,7 @@ import sys
 import pytest
 from conftest import CONFIGS, REPO
 
+import jaxtrain
 from jaxtrain import cli
 
 GPT = os.path.join(CONFIGS, "gpt_pysource.py")
@@ -131,3 +132,96 @@ def test_missing_command_or_workdir(capsys):
     assert "unknown command 'fit'" in _one_error_line(capsys)
     assert cli.main(["jaxtrain", "train", f"--config={GPT}"]) == 2
     assert "--workdir=DIR is required" in _one_error_line(capsys)
+
+
+# Config files whose get_config gives no run config: (file body, what the line says).
+BAD_CONFIG_FILES = {
+    "returns_dict": ("def get_config(arg=None):\n    return {'task': 'lm'}\n", "returned dict"),
+    "returns_none": ("def get_config(arg=None):\n    pass\n", "returned NoneType"),
+    "returns_list": ("def get_config(arg=None):\n    return [1, 2]\n", "returned list"),
+    "no_get_config": ("x = 1\n", "has no get_config() function"),
+    "raises": (
+        "def get_config(arg=None):\n    raise RuntimeError('boom')\n",
+        "failed to load: RuntimeError: boom",
+    ),
+    "not_from_base": (
+        "import ml_collections\n\ndef get_config(arg=None):\n"
+        "    return ml_collections.ConfigDict({'task': 'lm', 'seed': 0})\n",
+        "the config has no field 'checkpoint', 'checkpoint_every_steps', 'compilation_cache' "
+        "and 16 more: start from jaxtrain.configs.base",
+    ),
+    "lacks_one_field": (
+        "from jaxtrain.configs import base\n\ndef get_config(arg=None):\n"
+        "    c = base.get_config()\n    del c.optim['b2']\n    return c\n",
+        "the config has no field 'optim.b2': start from jaxtrain.configs.base",
+    ),
+}
+
+
+@pytest.mark.parametrize("command", ["train", "plan", "load_config"])
+@pytest.mark.parametrize("name", sorted(BAD_CONFIG_FILES))
+def test_a_config_file_that_gives_no_run_config_is_one_line(command, name, tmp_path, capsys):
+    body, message = BAD_CONFIG_FILES[name]
+    path = tmp_path / f"{name}.py"
+    path.write_text(body)
+    workdir = tmp_path / "run"
+    if command == "load_config":
+        with pytest.raises(jaxtrain.ConfigError) as error:
+            jaxtrain.load_config(f"{path}:arg")
+        line = f"jaxtrain: error: {error.value}"
+    else:
+        extra = f"--workdir={workdir}" if command == "train" else "--topology=cpu-8"
+        status = cli.main(["jaxtrain", command, f"--config={path}:arg", extra])
+        assert status == 2
+        line = _one_error_line(capsys)
+    assert f"config file '{path}'" in line and message in line, line
+    assert len(line) < 400  # one line, not a traceback folded into one
+    assert not workdir.exists()
+    assert sorted(os.listdir(tmp_path)) == [path.name]  # nothing else written
+
+
+def test_a_config_built_in_code_without_base_fields_is_refused_by_train(tmp_path):
+    import ml_collections
+
+    with pytest.raises(jaxtrain.ConfigError, match=r"^the config is a dict, not an ml_coll"):
+        jaxtrain.train_and_evaluate({"task": "lm"}, str(tmp_path / "run"))
+    bare = ml_collections.ConfigDict({"task": "lm"})
+    with pytest.raises(jaxtrain.ConfigError, match=r"^the config has no field 'checkpoint'"):
+        jaxtrain.train_and_evaluate(bare, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(
+    "config, override, message",
+    [
+        # A vocabulary that does not cover the byte tokens trained to a NaN loss at step 1
+        # (exit 3) after the workdir was written; likewise too few classes for the labels.
+        (GPT, "model.vocab_size=1", "config.model.vocab_size must be at least 256: the tokens"),
+        (GPT, "model.vocab_size=255", "of data set 'pysource' are bytes, got 255"),
+        (DIGITS, "model.num_classes=2", "config.model.num_classes must be at least 10: data "),
+        (DIGITS, "model.image_shape=(16,16,1)", "shape of the images of data set 'digits', (8, 8"),
+        (DIGITS, "data.label_key=lbl", "config.data.label_key='lbl' is not a field of data set"),
+        (GPT, "data.text_key=txt", "it has ['path', 'text']"),
+        (GPT, "model.rope_base=inf", "config.model (gpt): rope_base=inf must be a finite"),
+        (GPT, "model.dropout_rate=nan", "dropout_rate=nan must be in [0, 1)"),
+        (DIGITS, "model.features=(0,4)", "features=(0, 4) must be one or more positive"),
+        # Only -1 means the whole split.
+        (GPT, "eval_steps=0", "config.eval_steps must be a positive integer or -1 (all of"),
+        (GPT, "eval_steps=-5", "config.eval_steps must be a positive integer or -1"),
+        # Values the libraries reject with a traceback (OverflowError, ValueError).
+        (GPT, "seed=100000000000000000000", "config.seed must be a 64-bit integer"),
+        (GPT, "data.seed=-1", "config.data.seed must be an integer from 0 to 2**63 - 1"),
+        (
+            GPT,
+            "optim.warmup_steps=100000000000000",
+            "config.optim.warmup_steps must be an integer >= 0 and at most 2147483647",
+        ),
+    ],
+)
+def test_model_and_data_fields_that_cannot_train_are_refused_before_writing(
+    config, override, message, tmp_path, capsys, data_dir
+):
+    workdir = tmp_path / "run"
+    assert _train(workdir, f"{config}:smoke", data_dir, f"--config.{override}") == 2
+    assert message in _one_error_line(capsys)
+    assert not workdir.exists()

@@ -3,6 +3,7 @@ used from outside on real (tiny) runs."""
 
 import hashlib
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -17,7 +18,7 @@ from conftest import load_config, read_metrics, train_gpt_smoke
 from flax import nnx
 
 import jaxtrain
-from jaxtrain import cli, plot, runs, sample
+from jaxtrain import cli, export, plot, runs, sample
 from jaxtrain.train import train_and_evaluate
 
 MESH = {"data": 2, "fsdp": 2, "tensor": 2}
@@ -289,3 +290,105 @@ def test_export_bad_input(gpt_run, capsys, tmp_path):
         capsys, "export", f"--workdir={workdir}", f"--out={tmp_path / 'm'}", "--input_key=x"
     )
     assert "the task's examples have no 'x'; they have ['inputs', 'targets']" in message
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--max_new_tokens=0"], "max_new_tokens must be >= 1"),
+        (["--max_new_tokens=-3"], "max_new_tokens must be >= 1"),
+        (["--max_new_tokens=3000000000"], "(positions are int32), got 3000000000"),
+        # The KV cache of 2e9 positions (terabytes): refused with the size it needs and the
+        # memory there is, before any of it is allocated (it was an allocation traceback).
+        (["--max_new_tokens=2000000000"], "max_new_tokens=2000000000 needs "),
+        (["--top_k=-1"], "top_k must be between 0 and the vocabulary size 256"),
+        (["--temperature=nan"], "temperature must be >= 0 and finite, got nan"),
+        (["--temperature=inf"], "temperature must be >= 0 and finite, got inf"),
+        (["--seed=100000000000000000000"], "seed must be a 64-bit integer"),
+        (["--prompt=\ud800"], "the prompt is not text: '\\ud800' at position 0 is a lone"),
+        (["--mesh=data=0"], "config.mesh sizes must be positive"),
+    ],
+)
+def test_sample_refuses_what_it_cannot_generate_in_one_line(flags, message, gpt_run, capsys):
+    workdir, _, _ = gpt_run
+    before = _snapshot(workdir)
+    line = _one_error(capsys, "sample", f"--workdir={workdir}", *flags)
+    assert message in line, line
+    if "needs" in message:  # the size, the memory it has, and what would fit
+        assert re.search(r"needs [\d,.]+ GiB .*KV cache of 2,000,000,001 positions", line), line
+        assert re.search(r"but the host has [\d,.]+ GiB available: about [\d,]+ new", line), line
+    assert _snapshot(workdir) == before
+
+
+def test_sample_takes_a_prompt_of_bytes_that_are_not_utf8(gpt_run, capsys):
+    # A byte-level model reads bytes: the argument's bytes are the prompt, as they are.
+    # Python hands a command line's non-UTF-8 bytes over escaped (surrogateescape).
+    workdir, _, _ = gpt_run
+    raw = b"caf\xe9 \xff"  # Latin-1, not UTF-8
+    status, printed, _ = _cli(
+        capsys,
+        "sample",
+        f"--workdir={workdir}",
+        f"--prompt={os.fsdecode(raw)}",
+        "--max_new_tokens=8",
+    )
+    assert status == 0
+    run = jaxtrain.load_run(str(workdir))
+    np.testing.assert_array_equal(sample.encode(os.fsdecode(raw)), sample.encode(raw))
+    assert list(sample.encode(raw)[0]) == [0, *raw]
+    tokens = sample.generate(run, sample.encode(raw), max_new_tokens=8)
+    assert printed == sample.decode_bytes(tokens[0]) + "\n"
+
+
+@pytest.mark.parametrize("steps", ["0", "-5", "1.5"])
+def test_eval_steps_other_than_positive_or_minus_one_are_refused(steps, gpt_run, capsys):
+    workdir, _, _ = gpt_run
+    before = _snapshot(workdir)  # metrics.jsonl included: no record appended
+    line = _one_error(capsys, "eval", f"--workdir={workdir}", f"--eval_steps={steps}")
+    assert "--eval_steps" in line and steps in line, line
+    if steps != "1.5":  # that one absl refuses: not an integer
+        assert "must be a positive integer or -1 (all of the split)" in line
+    assert _snapshot(workdir) == before
+    with pytest.raises(jaxtrain.ConfigError, match="eval_steps must be a positive integer or -1"):
+        runs.evaluate_run(jaxtrain.load_run(str(workdir)), eval_steps=0)
+
+
+@pytest.mark.parametrize(
+    "platforms, message",
+    [
+        ("bogus", "unknown export platform 'bogus'; choose from cpu, cuda, rocm, tpu"),
+        ("CPU", "unknown export platform 'CPU' (did you mean 'cpu'?)"),
+        ("gpu", "'cuda' (NVIDIA) or 'rocm' (AMD), not 'gpu'"),
+        ("tpu,tpu", "export platform 'tpu' is listed twice"),
+        ("cpu,", "unknown export platform ''"),
+    ],
+)
+def test_export_refuses_platforms_jax_does_not_export_for(platforms, message, gpt_run, capsys):
+    workdir, _, _ = gpt_run
+    out = workdir.parent / "model.jaxexport"
+    line = _one_error(
+        capsys, "export", f"--workdir={workdir}", f"--out={out}", f"--platforms={platforms}"
+    )
+    assert message in line, line
+    assert not out.exists()
+
+
+def test_an_export_for_each_platform_deserializes_as_that_platform(gpt_run, capsys, tmp_path):
+    # Exported on this CPU host for every platform jax.export builds in, the file loads
+    # and says which platform it runs on (calling it needs that device: cpu here).
+    workdir, _, _ = gpt_run
+    for platform in export.PLATFORMS:
+        out = tmp_path / f"{platform}.jaxexport"
+        status, printed, _ = _cli(
+            capsys, "export", f"--workdir={workdir}", f"--out={out}", f"--platforms={platform}"
+        )
+        assert status == 0 and f"on {platform} to {out}" in printed
+        loaded = jax.export.deserialize(bytearray(out.read_bytes()))
+        assert loaded.platforms == (platform,)
+        assert str(loaded.in_avals[0]) == "int32[b,t]"
+    tokens = np.arange(6, dtype=np.int32)[None]
+    cpu = jax.export.deserialize(bytearray((tmp_path / "cpu.jaxexport").read_bytes()))
+    assert cpu.call(tokens).shape == (1, 6, 256)
+    tpu = jax.export.deserialize(bytearray((tmp_path / "tpu.jaxexport").read_bytes()))
+    with pytest.raises(ValueError, match="exported for platforms .*tpu.* but it is used on"):
+        tpu.call(tokens)

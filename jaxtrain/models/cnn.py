@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.config import is_int, is_number
 from jaxtrain.sharding import constrain
 
 
@@ -21,16 +22,18 @@ class CNNConfig:
 
     def __post_init__(self):
         for name in ("num_classes", "hidden_dim"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if len(self.image_shape) != 3 or min(self.image_shape) < 1 or not self.features:
+        if not _sizes(self.image_shape) or len(self.image_shape) != 3:
             raise ValueError(
-                f"image_shape={self.image_shape!r} must be 3 positive sizes and features "
-                f"{self.features!r} at least one"
+                f"image_shape={self.image_shape!r} must be 3 positive sizes (height, width, "
+                "channels)"
             )
-        if min(self.features) < 1:
-            raise ValueError(f"features={self.features!r} must be positive")
-        if not 0 <= self.dropout_rate < 1:
+        if not _sizes(self.features) or not self.features:
+            raise ValueError(
+                f"features={self.features!r} must be one or more positive channel counts"
+            )
+        if not (is_number(self.dropout_rate) and 0 <= self.dropout_rate < 1):
             raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
         height, width, _ = self.image_shape
         scale = 2 ** len(self.features)
@@ -39,6 +42,11 @@ class CNNConfig:
                 f"image_shape {tuple(self.image_shape)} is not divisible by {scale} "
                 f"({len(self.features)} pooling stages)"
             )
+
+
+def _sizes(value) -> bool:
+    """A tuple of positive integers."""
+    return isinstance(value, tuple) and all(is_int(v) and v >= 1 for v in value)
 
 
 class CNN(nnx.Module):

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrain.config import is_int, is_number
 from jaxtrain.models.attention import causal_attention
 from jaxtrain.sharding import constrain
 
@@ -226,18 +227,20 @@ class GPTConfig:
             "num_kv_heads",
             "mlp_dim",
         ):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a positive integer")
-        if not isinstance(self.head_dim, int) or self.head_dim < 2 or self.head_dim % 2:
+        if not is_int(self.head_dim) or self.head_dim < 2 or self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim!r} must be a positive even integer (RoPE)")
-        if not self.rope_base > 0:
-            raise ValueError(f"rope_base={self.rope_base!r} must be positive")
-        if not 0 <= self.dropout_rate < 1:
+        if not (is_number(self.rope_base) and self.rope_base > 0):
+            raise ValueError(f"rope_base={self.rope_base!r} must be a finite positive number")
+        if not (is_number(self.dropout_rate) and 0 <= self.dropout_rate < 1):
             raise ValueError(f"dropout_rate={self.dropout_rate!r} must be in [0, 1)")
         if self.attention_impl not in ATTENTION_IMPLS:
             raise ValueError(
                 f"attention_impl={self.attention_impl!r}; choose one of {list(ATTENTION_IMPLS)}"
             )
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"scan_layers={self.scan_layers!r} must be True or False")
         if self.remat != "none" and self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat={self.remat!r}; choose one of {['none', *REMAT_POLICIES]}")
         if self.num_heads % self.num_kv_heads:

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 
 from jaxtrain import data, models, precision
+from jaxtrain.config import is_int, require
 from jaxtrain.data import synthetic
 from jaxtrain.errors import ConfigError
 from jaxtrain.tasks import Task
@@ -44,6 +45,46 @@ def labelled_images(data_config, split: str):
     )
 
 
+def check_data_fields(config, features) -> None:
+    """Checks the config against an image data set's features (`builder.info.features`).
+
+    Labels the head has no output for would train to a NaN loss at step 1, and images of
+    another shape fail in the first step, both after the workdir was written.
+
+    Raises:
+      ConfigError: no such image or label field, fewer `config.model.num_classes` than
+        the data set has classes, or a `config.model.image_shape` its images do not have.
+    """
+    name = config.data.name
+    for field in ("image_key", "label_key"):
+        key = config.data[field]
+        if key not in features:
+            raise ConfigError(
+                f"config.data.{field}={key!r} is not a field of data set {name!r}; "
+                f"it has {sorted(features)}"
+            )
+    classes = getattr(features[config.data.label_key], "num_classes", None)
+    if classes is not None and "num_classes" in config.model:
+        require(
+            is_int(config.model.num_classes) and config.model.num_classes >= classes,
+            "model.num_classes",
+            config.model.num_classes,
+            f"at least {classes}: data set {name!r} has {classes} classes",
+        )
+    shape = getattr(features[config.data.image_key], "shape", None)
+    if shape is not None and "image_shape" in config.model:
+        want = tuple(config.model.image_shape)
+        fits = len(want) == len(shape) and all(
+            s is None or s == w for s, w in zip(shape, want, strict=True)
+        )
+        require(
+            fits,
+            "model.image_shape",
+            want,
+            f"the shape of the images of data set {name!r}, {tuple(shape)}",
+        )
+
+
 def make_task(config) -> Task:
     """The classification task of a config (configs/digits_cnn.py); loads no data.
 
@@ -56,6 +97,9 @@ def make_task(config) -> Task:
       ConfigError: an unknown data set or model, bad model fields, or synthetic data for a
         model without `image_shape` and `num_classes`.
     """
+    # The model's own fields first: the checks below read them.
+    compute_dtype, param_dtype = precision.dtypes(config.precision)
+    model = models.make_model(config.model, dtype=compute_dtype, param_dtype=param_dtype)
     if config.data.name == synthetic.NAME:
         if not ("image_shape" in config.model and "num_classes" in config.model):
             raise ConfigError(
@@ -72,11 +116,10 @@ def make_task(config) -> Task:
             for split in ("train", "eval")
         )
     else:
-        data.pipeline.get_builder(config.data.name, config.data.data_dir)  # a bad name fails
+        builder = data.pipeline.get_builder(config.data.name, config.data.data_dir)
+        check_data_fields(config, builder.info.features)
         train_data = lambda: labelled_images(config.data, config.data.train_split)  # noqa: E731
         eval_data = lambda: labelled_images(config.data, config.data.eval_split)  # noqa: E731
-    compute_dtype, param_dtype = precision.dtypes(config.precision)
-    model = models.make_model(config.model, dtype=compute_dtype, param_dtype=param_dtype)
     return Task(
         model=model,
         loss=loss,

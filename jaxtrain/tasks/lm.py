@@ -91,6 +91,31 @@ def text_windows(data_config, split: str) -> TokenWindows:
     return windows
 
 
+def check_data_fields(config, features) -> None:
+    """Checks the config against a text data set's features (`builder.info.features`).
+
+    Its tokens are bytes, 0 to 255: a model's `vocab_size`, where it has one, must cover
+    them (fewer would train to a NaN loss at step 1, after the workdir was written).
+
+    Raises:
+      ConfigError: no such text field, or a vocabulary smaller than 256.
+    """
+    text_key = config.data.text_key
+    if text_key not in features:
+        raise ConfigError(
+            f"config.data.text_key={text_key!r} is not a field of data set "
+            f"{config.data.name!r}; it has {sorted(features)}"
+        )
+    if "vocab_size" in config.model:
+        vocab_size = config.model.vocab_size
+        require(
+            is_int(vocab_size) and vocab_size >= 256,
+            "model.vocab_size",
+            vocab_size,
+            f"at least 256: the tokens of data set {config.data.name!r} are bytes",
+        )
+
+
 def make_task(config) -> Task:
     """The LM task of a config (configs/gpt_pysource.py); checks names, loads no data.
 
@@ -98,10 +123,14 @@ def make_task(config) -> Task:
     `config.model.vocab_size` (256 for a model without that field), made per example.
 
     Raises:
-      ConfigError: an unknown data set or model, or bad model fields.
+      ConfigError: an unknown data set or model, bad model fields, or a data set field
+        or vocabulary that does not fit them (check_data_fields).
     """
     seq_len = config.data.seq_len
     require(is_int(seq_len) and seq_len >= 1, "data.seq_len", seq_len, "a positive integer")
+    # The model's own fields first: the checks below read them.
+    compute_dtype, param_dtype = precision.dtypes(config.precision)
+    model = models.make_model(config.model, dtype=compute_dtype, param_dtype=param_dtype)
     if config.data.name == synthetic.NAME:
         vocab_size = config.model.vocab_size if "vocab_size" in config.model else 256
         train_data, eval_data = (
@@ -111,11 +140,10 @@ def make_task(config) -> Task:
             for split in ("train", "eval")
         )
     else:
-        data.pipeline.get_builder(config.data.name, config.data.data_dir)  # a bad name fails
+        builder = data.pipeline.get_builder(config.data.name, config.data.data_dir)
+        check_data_fields(config, builder.info.features)
         train_data = lambda: text_windows(config.data, config.data.train_split)  # noqa: E731
         eval_data = lambda: text_windows(config.data, config.data.eval_split)  # noqa: E731
-    compute_dtype, param_dtype = precision.dtypes(config.precision)
-    model = models.make_model(config.model, dtype=compute_dtype, param_dtype=param_dtype)
     tokens = jax.ShapeDtypeStruct((seq_len,), jnp.int32)
     flops = None
     if config.model.name == "gpt":
