@@ -2,8 +2,8 @@
 
 A checkpoint step holds four items: `state` (the TrainState: step, params, optimizer
 state, model state, RNG), `data` (the input iterator's position, JSON), `config` (JSON)
-and `checksums` (every state array's checksum, JSON), so a rerun of the same command
-continues with the next step and the next example.
+and `checksums` (every state array's checksum and every other item's digest, JSON), so a
+rerun of the same command continues with the next step and the next example.
 
 Never load garbage: each step is vetted before it is used and its arrays checked against
 their checksums after restore (`jaxtrain.integrity`). A damaged step is skipped with a
@@ -31,6 +31,8 @@ from jaxtrain.integrity import (
     checksums,
     damage,
     environmental,
+    item_digests,
+    item_mismatch,
     newest_whole_step,
     reason,
     saved_json,
@@ -281,14 +283,17 @@ class Checkpointer:
             )
         self.wait_until_finished()
         sums = checksums(state)  # on device, before the arrays may be donated to a step
+        # Every JSON item gets a digest, so that none can change unnoticed: add a new item
+        # here and it is verified like the others (integrity.damage).
+        json_items = {"data": data_state, "config": config_dict}
+        sums.update(item_digests({**json_items, **({"metrics": metrics} if metrics else {})}))
         try:
             saved = self.manager.save(
                 step,
                 metrics=metrics,  # {} = not evaluated (None would make Orbax warn each time)
                 args=ocp.args.Composite(
                     state=ocp.args.StandardSave(state),
-                    data=ocp.args.JsonSave(data_state),
-                    config=ocp.args.JsonSave(config_dict),
+                    **{name: ocp.args.JsonSave(value) for name, value in json_items.items()},
                     **{CHECKSUMS_ITEM: ocp.args.JsonSave(sums)},
                 ),
             )
@@ -332,7 +337,11 @@ class Checkpointer:
                         **{CHECKSUMS_ITEM: ocp.args.JsonRestore()},
                     ),
                 )
-                problem = checksum_mismatch(restored["state"], restored[CHECKSUMS_ITEM])
+                saved_sums = restored[CHECKSUMS_ITEM]
+                # The data position was vetted with the step; it is checked again as read.
+                problem = checksum_mismatch(restored["state"], saved_sums) or item_mismatch(
+                    {"data": restored["data"]}, saved_sums
+                )
             except Exception as e:
                 if environmental(e):
                     raise StorageError(f"cannot read checkpoint {path!r}: {reason(e)}") from e

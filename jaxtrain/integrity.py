@@ -4,7 +4,10 @@ Orbax lists every directory named like a step, committed or not, so each step is
 before it is used: its commit marker, its metadata, and every file and byte range the
 array store's index points at (metadata only, writing nothing). Orbax stores array chunks
 without a data checksum, so a flipped bit would load silently: every array's checksum is
-saved with the step and compared after restore (`checksums`).
+saved with the step and compared after restore (`checksums`). Every other item of a step
+(the data position, the config, the eval metrics: whatever the step holds as JSON) has its
+digest saved beside the arrays' checksums (`item_digests`) and checked whenever the step is
+vetted (`damage`): a changed byte there is damage too, never the user's doing.
 
 A failure is either damage (the step is set aside and an older one used) or the
 environment failing under the run (permission, an I/O or network file system error):
@@ -12,6 +15,7 @@ then the run stops with StorageError and the step is left as it is (`environment
 """
 
 import errno
+import hashlib
 import json
 import os
 import re
@@ -28,6 +32,12 @@ from jaxtrain.sharding import path_str
 _STEP_NAME = re.compile(r"0|[1-9]\d*")  # Orbax's default step directory names
 COMMIT_MARKER = "commit_success.txt"  # written last, just before the step is renamed in place
 CHECKSUMS_ITEM = "checksums"
+# An item's digest sits in the checksums item under this prefix, beside the arrays' paths
+# (which never start with it). Steps saved before item digests existed have none: their
+# JSON items are vetted for readability only.
+ITEM_DIGEST_PREFIX = "item:"
+# Where Orbax keeps a JSON item's content inside the step (the step's metrics: its own file).
+_ITEM_FILES = {"metrics": ("metrics", "metrics")}
 
 # Errors of the environment, not of the checkpoint's bytes: retrying later may succeed.
 _ENVIRONMENTAL = {
@@ -114,10 +124,53 @@ def checksum_mismatch(tree, saved: dict[str, int]) -> str | None:
     return None
 
 
+def _digest(value) -> str:
+    # Of the parsed value, not the file's bytes: what a reader gets is what is verified,
+    # whatever whitespace or key order the writer chose.
+    text = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def item_digests(items: dict) -> dict[str, str]:
+    """{"item:NAME": digest} of a step's JSON items, saved in its checksums item.
+
+    Args:
+      items: {item name: the JSON value saved as that item}; every JSON item a step holds.
+    """
+    return {f"{ITEM_DIGEST_PREFIX}{name}": _digest(value) for name, value in items.items()}
+
+
+def item_mismatch(items: dict, saved: dict) -> str | None:
+    """The first of `items` ({name: value read back}) whose digest differs from the saved
+    one, as a reason, or None. An item the step saved no digest of is not checked."""
+    for name, value in items.items():
+        want = saved.get(f"{ITEM_DIGEST_PREFIX}{name}")
+        if want is not None and want != _digest(value):
+            return f"item {name!r} does not match its digest (its bytes changed after saving)"
+    return None
+
+
+def _item_damage(step_dir: str) -> str | None:
+    """Each JSON item the checksums item has a digest of, read back and compared."""
+    saved = _read_json(step_dir, CHECKSUMS_ITEM, "metadata")
+    if not isinstance(saved, dict):
+        return f"{CHECKSUMS_ITEM}/metadata is not a JSON object"
+    for key in saved:
+        if not key.startswith(ITEM_DIGEST_PREFIX):
+            continue
+        name = key[len(ITEM_DIGEST_PREFIX) :]
+        parts = _ITEM_FILES.get(name, (name, "metadata"))
+        problem = item_mismatch({name: _read_json(step_dir, *parts)}, saved)
+        if problem:
+            return problem
+    return None
+
+
 def damage(step_dir: str) -> str | None:
     """Why the checkpoint step in `step_dir` is incomplete or damaged, or None if it is whole.
 
-    Reads metadata only (no array data), so it is cheap, and writes nothing. A file that
+    Reads metadata only (no array data), so it is cheap, and writes nothing. Every JSON
+    item with a saved digest (data position, config, metrics) is compared with it. A file that
     is damaged inside its bytes but has its full length still passes; `Checkpointer.restore`
     catches it by its checksum, or when it fails to read, and falls back to an older step.
 
@@ -133,6 +186,9 @@ def damage(step_dir: str) -> str | None:
             _read_json(step_dir, item, "metadata")
         if os.path.exists(os.path.join(step_dir, "metrics")):
             _read_json(step_dir, "metrics", "metrics")
+        problem = _item_damage(step_dir)
+        if problem:
+            return problem
         if _read_json(step_dir, "state", "_METADATA").get("use_ocdbt", True):
             return _array_store_damage(os.path.join(step_dir, "state"))
     except (OSError, ValueError) as e:  # missing, unreadable or not JSON
@@ -218,6 +274,6 @@ def newest_whole_step(directory: str, warn: bool = False) -> int | None:
         problem = damage(path)
         if problem is None:
             return step
-        if warn:
+        if warn and os.path.isdir(path):  # not one that retention has just deleted
             logging.warning("skipping checkpoint step %d (%s): %s", step, path, problem)
     return None

@@ -12,6 +12,7 @@ run that is still training can be inspected while it goes on. The commands `samp
 import copy
 import json
 import os
+import time
 from typing import Any, NamedTuple
 
 import jax
@@ -129,15 +130,74 @@ def load_run(
         task.model, tx, device_mesh, config.rules, trainable=task.trainable
     )
     directory = checkpoint.checkpoint_dir(workdir)
-    if step is None:
-        step = checkpoint.latest_compatible_step(workdir, layout.abstract_state)
-        if step is None:
-            raise ConfigError(f"workdir {workdir!r} has no whole checkpoint in {directory!r}")
-    else:
+    if step is not None:
         problem = damage_of(directory, step)
         if problem:
             raise ConfigError(problem)
-    return Run(config, task, layout, restore_state(directory, step, layout.abstract_state))
+    # A run that is still training may delete the step being read (retention keeps the
+    # newest few): that step was not damaged, and the newest one is read instead.
+    for _ in range(_READ_TRIES):
+        chosen = step if step is not None else _newest_step(workdir, layout.abstract_state)
+        if chosen is None:
+            if integrity.newest_whole_step(directory) is not None:
+                continue  # listed before a newer step committed, read after the old went
+            raise ConfigError(f"workdir {workdir!r} has no whole checkpoint in {directory!r}")
+        try:
+            return Run(
+                config, task, layout, restore_state(directory, chosen, layout.abstract_state)
+            )
+        except ConfigError:
+            if not _deleted_while_read(directory, chosen, newer_counts=step is None):
+                raise
+        if step is not None:
+            raise ConfigError(
+                f"checkpoint step {step} in {directory!r} was deleted while it was read (the "
+                "run's retention, config.checkpoint, keeps only some steps): name a step it "
+                "keeps with --step, or leave --step out for the newest"
+            )
+    raise ConfigError(
+        f"the newest checkpoint in {directory!r} was deleted while it was read, "
+        f"{_READ_TRIES} times in a row (a run saving very often with keep_latest=1?): try again"
+    )
+
+
+# Retention deletes a step only after a newer one has committed, so a second try nearly
+# always reads a step that stays long enough.
+_READ_TRIES = 5
+
+
+def _newest_step(workdir: str, abstract_state) -> int | None:
+    """`checkpoint.latest_compatible_step`, or None when the step it chose vanished as its
+    metadata was read (retention, as above)."""
+    try:
+        return checkpoint.latest_compatible_step(workdir, abstract_state)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        if integrity.newest_whole_step(checkpoint.checkpoint_dir(workdir)) is None:
+            raise ConfigError(
+                f"cannot read the checkpoints of {workdir!r}: {integrity.reason(e)}"
+            ) from e
+        return None
+
+
+def _deleted_while_read(
+    directory: str, step: int, *, newer_counts: bool, wait_s: float = 2.0
+) -> bool:
+    """Whether the step a read failed on is gone or going, rather than damaged.
+
+    Orbax removes a step's files one by one, after a newer step has committed: a read that
+    failed halfway may still see the step listed for a moment. When the newest step was
+    asked for (`newer_counts`), a newer step than the one read means it was replaced.
+    """
+    deadline = time.monotonic() + wait_s
+    while True:
+        listed = integrity.steps(directory)
+        if step not in listed or (newer_counts and listed[0] > step):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
 
 
 def damage_of(directory: str, step: int) -> str | None:

@@ -2,6 +2,7 @@
 fail clearly when they cannot be written."""
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -192,6 +193,14 @@ def _truncate_largest_array_file(step_dir):
     os.truncate(path, os.path.getsize(path) // 2)
 
 
+def _edit_json(path, edit):
+    """Rewrites a JSON item with `edit` applied: still valid JSON, other content."""
+    with open(path, encoding="utf-8") as f:
+        value = json.load(f)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(edit(value), f)
+
+
 DAMAGES = {
     "no commit marker": lambda d: os.remove(f"{d}/commit_success.txt"),
     "no step metadata": lambda d: os.remove(f"{d}/_CHECKPOINT_METADATA"),
@@ -200,6 +209,14 @@ DAMAGES = {
     "array manifest deleted": lambda d: os.remove(f"{d}/state/manifest.ocdbt"),
     "data position cut short": lambda d: os.truncate(f"{d}/data/metadata", 3),
     "empty step directory": lambda d: (shutil.rmtree(d), os.mkdir(d)),
+    # Valid JSON with other content: only the digest saved with the step can tell.
+    "data position changed": lambda d: _edit_json(
+        f"{d}/data/metadata", lambda v: {**v, "next_index": v["next_index"] + 1}
+    ),
+    "config changed": lambda d: _edit_json(f"{d}/config/metadata", lambda v: {**v, "seed": 1}),
+    "an item digest changed": lambda d: _edit_json(
+        f"{d}/checksums/metadata", lambda v: {**v, "item:data": "0" * 64}
+    ),
 }
 
 
@@ -382,3 +399,14 @@ def test_disk_full_and_read_only_keep_the_last_good_checkpoint(smoke, small_disk
     finally:
         ckpt.close()
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+
+
+def test_every_json_item_is_vetted_against_its_digest(three_steps, tmp_path):
+    workdir = tmp_path / "run"
+    shutil.copytree(three_steps, workdir)
+    step_dir = str(workdir / "checkpoints" / "4")
+    sums = integrity.saved_json(step_dir, integrity.CHECKSUMS_ITEM)
+    assert {"item:data", "item:config", "item:metrics"} <= set(sums)  # step 4 was evaluated
+    assert integrity.damage(step_dir) is None
+    _edit_json(f"{step_dir}/metrics/metrics", lambda v: {**v, "loss": 2.5})  # a better "best"
+    assert "item 'metrics' does not match its digest" in integrity.damage(step_dir)

@@ -6,6 +6,7 @@ metric (timings aside) and the final parameters must be bitwise identical.
 
 import glob
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -136,4 +137,33 @@ def test_sigterm_saves_and_exits_for_a_rerun(reference, data_dir, tmp_path):
     assert os.path.isdir(tmp_path / "checkpoints" / str(stopped_at))
     rerun = _run(_command(tmp_path, data_dir))
     assert f"resumed at {stopped_at}" in rerun.stdout
+    _assert_identical_runs(tmp_path, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "item, edit",
+    [
+        # The data position one example on: without its digest the rerun would resume
+        # at another example, silently.
+        ("data", lambda text: re.sub(r'"examples_seen": (\d+)', r'"examples_seen": 1\1', text)),
+        # A changed seed in the stored config: damage, not a user's config change.
+        ("config", lambda text: text.replace('"seed": 0', '"seed": 1', 1)),
+    ],
+)
+def test_a_changed_item_sets_the_step_aside_and_the_rerun_is_exact(
+    item, edit, reference, data_dir, tmp_path
+):
+    committed = tmp_path / "checkpoints" / "20"
+    status, _ = _start_and_kill(_command(tmp_path, data_dir), committed.is_dir)
+    assert status == -signal.SIGKILL
+    newest = max(int(n) for n in os.listdir(tmp_path / "checkpoints") if n.isdigit())
+    path = tmp_path / "checkpoints" / str(newest) / item / "metadata"
+    text = path.read_text(encoding="utf-8")
+    path.write_text(edit(text), encoding="utf-8")
+    assert path.read_text(encoding="utf-8") != text
+    rerun = _run(_command(tmp_path, data_dir))
+    assert f"checkpoint step {newest}" in rerun.stderr and f"item '{item}'" in rerun.stderr
+    assert f"resumed at {newest - 10}" in rerun.stdout
+    assert f"{newest}.damaged" in os.listdir(tmp_path / "checkpoints")
     _assert_identical_runs(tmp_path, reference)

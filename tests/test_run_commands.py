@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import jax.numpy as jnp
@@ -392,3 +393,78 @@ def test_an_export_for_each_platform_deserializes_as_that_platform(gpt_run, caps
     tpu = jax.export.deserialize(bytearray((tmp_path / "tpu.jaxexport").read_bytes()))
     with pytest.raises(ValueError, match="exported for platforms .*tpu.* but it is used on"):
         tpu.call(tokens)
+
+
+# --- Reading a run that is still training -----------------------------------------------------
+
+
+def test_a_step_deleted_while_read_gives_way_to_the_newest(gpt_run, tmp_path, monkeypatch):
+    workdir = tmp_path / "gpt"
+    shutil.copytree(gpt_run[0], workdir)
+    checkpoints = workdir / "checkpoints"
+    original, reads = runs.restore_state, []
+
+    def retention_strikes(directory, step, abstract_state):
+        # As a run with keep_latest=1 does: a newer step commits, then the old one goes,
+        # here while the reader is on its way to it.
+        reads.append(step)
+        if len(reads) == 1:
+            shutil.copytree(checkpoints / "4", checkpoints / "6")
+            shutil.rmtree(checkpoints / "4")
+        return original(directory, step, abstract_state)
+
+    monkeypatch.setattr(runs, "restore_state", retention_strikes)
+    run = jaxtrain.load_run(str(workdir))
+    assert reads == [4, 6] and run.step == 4  # step 6 is a copy of step 4's bytes
+    assert sorted(os.listdir(checkpoints)) == ["2", "6"]  # nothing set aside: not damaged
+
+    # A step asked for by number that retention deletes: said so, not called damaged.
+    reads.clear()
+    monkeypatch.setattr(
+        runs,
+        "restore_state",
+        lambda d, step, a: (shutil.rmtree(checkpoints / "2"), original(d, step, a))[1],
+    )
+    with pytest.raises(jaxtrain.ConfigError, match="step 2 .* was deleted while it was read"):
+        jaxtrain.load_run(str(workdir), step=2)
+
+
+@pytest.mark.slow
+def test_reading_a_run_that_trains_with_keep_latest_1_always_works(data_dir, tmp_path):
+    workdir = tmp_path / "live"
+    jaxtrain_bin = os.path.join(os.path.dirname(sys.executable), "jaxtrain")
+    train = subprocess.Popen(
+        [
+            jaxtrain_bin,
+            "train",
+            "--config=gpt_pysource.py:smoke",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            "--config.num_train_steps=100000",
+            "--config.checkpoint_every_steps=1",
+            "--config.checkpoint.keep_latest=1",
+            "--config.eval_every_steps=100000",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while not os.path.isdir(workdir / "checkpoints" / "2") and time.monotonic() < deadline:
+            assert train.poll() is None, "the training run ended early"
+            time.sleep(0.1)
+        results = []
+        for command in (["eval", "--eval_steps=1"], ["sample", "--max_new_tokens=4"]) * 4:
+            done = subprocess.run(
+                [jaxtrain_bin, command[0], f"--workdir={workdir}", *command[1:]],
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
+            results.append((command[0], done.returncode, done.stderr.strip()[-300:]))
+        assert train.poll() is None, "the training run ended while it was read"
+    finally:
+        train.kill()
+        train.wait()
+    assert all(status == 0 for _, status, _ in results), results
+    assert not [n for n in os.listdir(workdir / "checkpoints") if "damaged" in n]
