@@ -7,7 +7,10 @@ written the same way in this package:
     task = Task(model=lambda rngs: MyNet(rngs=rngs), loss=my_loss, data=arrays)
 
 `config.task` names a bundled task or a function `"package.module:make_task"` that takes
-the config and returns a Task; `from_config` resolves it.
+the config and returns a Task; `from_config` resolves it. The bundled tasks' pieces
+(`jaxtrain.tasks.lm.make_task`, `.loss`, `.eval_metrics`, ...; the same in
+`jaxtrain.tasks.classification`) are public, to wrap: `dataclasses.replace(
+lm.make_task(config), loss=my_loss)` (see `jaxtrain.tasks.lm`).
 """
 
 import dataclasses
