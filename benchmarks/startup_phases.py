@@ -84,8 +84,7 @@ def child(args: list[str]) -> None:
 
     before(train.state_lib, "make_state_layout", "setup")
     after(train.state_lib, "make_state_layout", "layout")
-    before(train.workdir_lib, "WorkdirLock", "data")
-    before(train.steps, "make_train_step", "workdir")
+    before(train.steps, "make_train_step", "data")  # the step is traced before the workdir
 
     traced = steps.trace_train_step
 
@@ -105,6 +104,7 @@ def child(args: list[str]) -> None:
         return Traced()
 
     train.steps.trace_train_step = trace_train_step
+    before(train.futures, "ThreadPoolExecutor", "workdir")  # the compile thread starts
     step_compile = {}
 
     def timed(function):

@@ -18,8 +18,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtrain.data.pipeline import example_sharding
+from jaxtrain.errors import ConfigError
 from jaxtrain.precision import LossScale
-from jaxtrain.sharding import constrain
+from jaxtrain.sharding import constrain, path_str
 from jaxtrain.state import StateLayout, TrainState
 
 # Keys every evaluation's `rngs` start from: evaluations of different steps compare.
@@ -58,6 +59,53 @@ def _check_loss_output(output):
     return jnp.asarray(loss, jnp.float32), {
         k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()
     }
+
+
+def check_variables_kept(model: nnx.Module, params, model_state) -> None:
+    """Raises ConfigError unless the loss left the model with the train state's variables.
+
+    The train state holds the variables the model makes when it is built; one the model
+    makes in `__call__` (a custom `nnx.Variable` assigned, or sown, at call time) has
+    no place in it, and would otherwise surface as jax's error about `cond` branch
+    structures. Sown `nnx.Intermediate` values are the loss's and never kept: allowed.
+
+    Args:
+      model: the model after the loss ran on it.
+      params: the trainable variables it was merged from (nested dicts).
+      model_state: its other variables, as merged (nested dicts).
+    """
+    kept = {**_flat(params), **_flat(model_state)}
+    after = {
+        tuple(path): variable
+        for path, variable in nnx.state(model, nnx.Not(nnx.Intermediate)).flat_state()
+    }
+    for path, variable in after.items():
+        kind = type(variable).__name__
+        if path not in kept:
+            raise ConfigError(
+                f"the model made variable {path_str(path)!r} ({kind}) in __call__, and the "
+                "train state has no place for it: create it in __init__ to keep it, or pop "
+                f"it in the loss to drop it (nnx.pop(model, {kind}))"
+            )
+        was, now = jax.typeof(kept[path]), jax.typeof(variable.get_value())
+        if (was.shape, was.dtype) != (now.shape, now.dtype):
+            raise ConfigError(
+                f"the loss changed variable {path_str(path)!r} ({kind}) from "
+                f"{was.str_short()} to {now.str_short()}: a variable keeps the shape and "
+                "dtype the model made it with in __init__"
+            )
+    lost = sorted(path_str(path) for path in kept.keys() - after.keys())
+    if lost:
+        raise ConfigError(
+            f"the loss removed variable {lost[0]!r} from the model: the train state keeps "
+            "every variable the model makes in __init__; pop only what __call__ made"
+        )
+
+
+def _flat(tree) -> dict:
+    """{key path as a tuple of keys: leaf} of nested dicts (nnx.to_pure_dict's)."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {tuple(k.key for k in path): leaf for path, leaf in leaves}
 
 
 def make_train_step(
@@ -100,6 +148,7 @@ def make_train_step(
         def objective(params):
             model = set_mode(layout.merge(params, model_state), train=True)
             loss, metrics = _check_loss_output(loss_fn(model, batch, nnx.Rngs(rng)))
+            check_variables_kept(model, params, model_state)
             objective = loss if scale is None else loss * scale
             return objective, ({**metrics, "loss": loss}, layout.split(model)[1])
 

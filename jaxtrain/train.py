@@ -1,7 +1,7 @@
 """`train_and_evaluate(config, workdir, task=...)`: the training loop, in the order it runs.
 
-    config -> task -> mesh -> model + optimizer (the state, abstract) -> data -> workdir
-           -> train step (traced; XLA compiles it in the background)
+    config -> task -> mesh -> model + optimizer (the state, abstract) -> data
+           -> train step (traced) -> workdir -> XLA compiles the step in the background
            -> state (restored, or created already sharded) -> compiled step -> loop
 
 Everything that can reject the request (config values, mesh, batch split, names, a
@@ -85,6 +85,25 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
         batch_shardings = data.batch_shardings(example, mesh, rules, task.batch_axes)
         abstract_batch = data.abstract_batch(example, config.global_batch_size, batch_shardings)
 
+        # --- One train step, traced before the workdir is touched -------------------------
+        # A loss the step cannot take (a variable the model makes in __call__) is refused
+        # here, with nothing written.
+        run.enter_context(jax.set_mesh(mesh))
+        run.enter_context(sharding.use_rules(rules))
+        compile_start = time.perf_counter()
+        lowered = steps.trace_train_step(
+            steps.make_train_step(
+                task.loss,
+                layout,
+                microbatches=config.microbatches,
+                schedule=schedule,
+                loss_scale=loss_scale,
+            ),
+            layout,
+            abstract_batch,
+        ).lower()
+        trace_s = time.perf_counter() - compile_start
+
         # --- Workdir: this run's alone; a checkpoint there must be this run's -------------
         lock = run.enter_context(workdir_lib.WorkdirLock(workdir))
         stop.hold()  # a signal from here on stops the run before step 1, not inside Orbax
@@ -115,24 +134,9 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             shard_count=jax.process_count(),
             read_threads=config.data.read_threads,
         )
-        run.enter_context(jax.set_mesh(mesh))
-        run.enter_context(sharding.use_rules(rules))
 
-        # --- One train step, traced here and compiled in the background -------------------
+        # --- The train step compiled in the background -----------------------------------
         # XLA compiles outside Python's lock: the state is restored or created meanwhile.
-        compile_start = time.perf_counter()
-        lowered = steps.trace_train_step(
-            steps.make_train_step(
-                task.loss,
-                layout,
-                microbatches=config.microbatches,
-                schedule=schedule,
-                loss_scale=loss_scale,
-            ),
-            layout,
-            abstract_batch,
-        ).lower()
-        trace_s = time.perf_counter() - compile_start
         compiler = run.enter_context(futures.ThreadPoolExecutor(1, "jaxtrain-compile"))
         compiling = compiler.submit(_timed, lowered.compile)
 

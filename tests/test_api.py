@@ -5,9 +5,11 @@ in jaxtrain knows them.
 """
 
 import dataclasses
+import importlib
 import logging
 import os
 import pydoc
+import re
 import subprocess
 import sys
 import textwrap
@@ -24,8 +26,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxtrain
-from jaxtrain import data
+from jaxtrain import data, optim
 from jaxtrain.nonfinite import NonFiniteError
+from jaxtrain.tasks import lm
 
 RULES = (("activation_batch", ("data", "fsdp")), ("embed", "fsdp"), ("mlp", "tensor"))
 
@@ -99,6 +102,75 @@ def test_public_names_are_documented():
         assert (value.__doc__ or "").strip(), f"jaxtrain.{name} has no docstring"
         assert name in text
     assert len(jaxtrain.__all__) <= 20  # small
+
+
+# Modules whose pieces are documented for use from outside, beyond jaxtrain.__all__.
+DOCUMENTED_MODULES = ("jaxtrain.tasks.lm", "jaxtrain.tasks.classification")
+
+
+@pytest.mark.parametrize("name", DOCUMENTED_MODULES)
+def test_bundled_task_pieces_are_documented(name):
+    module = importlib.import_module(name)
+    assert module.__all__ and "make_task" in module.__all__ and "loss" in module.__all__
+    text = pydoc.render_doc(module, renderer=pydoc.plaintext)
+    for piece in module.__all__:
+        value = getattr(module, piece)
+        if callable(value):
+            assert (value.__doc__ or "").strip(), f"{name}.{piece} has no docstring"
+        assert piece in text
+    assert "dataclasses.replace" in module.__doc__  # how to wrap one
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        assert name in f.read()
+
+
+class Twice:
+    """The bundled LM loss doubled, reporting the original: which loss trained is visible."""
+
+    def __call__(self, model, batch, rngs):
+        value, metrics = lm.loss(model, batch, rngs)
+        return 2 * value, {**metrics, "lm_loss": value}
+
+
+@pytest.mark.slow
+def test_a_bundled_task_wrapped_trains_with_its_new_loss_and_optimizer(tmp_path):
+    c = jaxtrain.load_config("gpt_pysource.py:smoke")
+    c.update(num_train_steps=2, log_every_steps=1, eval_every_steps=2, eval_steps=1)
+    c.data.name = "synthetic"  # no data set to build
+    frozen = lambda schedule: optax.chain(  # noqa: E731
+        optim.make_optimizer(c.optim, schedule), optax.scale(0.0)
+    )
+    task = dataclasses.replace(lm.make_task(c), loss=Twice(), optimizer=frozen)
+    state, result = jaxtrain.train_and_evaluate(c, str(tmp_path), task=task)
+    logged = read_metrics(tmp_path)
+    assert sorted(logged) == [1, 2]
+    for record in logged.values():  # the wrapped loss trained, on the bundled model
+        assert record["loss"] == 2 * record["lm_loss"] and record["lm_loss"] > 1
+    # The wrapped optimizer: its updates are scaled to nothing, so the weights are the
+    # initial ones, bit for bit.
+    layout = jaxtrain.make_state_layout(
+        task.model, frozen(optim.make_schedule(c.optim, 2)), jaxtrain.make_mesh(c.mesh), c.rules
+    )
+    initial = jaxtrain.create_state(layout, c.seed)
+    jax.tree.map(np.testing.assert_array_equal, state.params, initial.params)
+    # Evaluation is still the bundled per-token metrics (and their perplexity).
+    assert {"loss", "accuracy", "perplexity"} <= set(result)
+
+    # The README's wrapper, run as written: its loss is half the bundled one, its
+    # optimizer the config's after its own.
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        [block] = [b for b in re.findall(r"```python\n(.*?)```", f.read(), re.S) if "lm.loss" in b]
+    namespace = {}
+    exec(block, namespace)
+    wrapped = namespace["make_task"](c)
+    with nnx.use_eager_sharding(False):  # one device's model, no mesh
+        model = wrapped.model(nnx.Rngs(0))
+    batch = {k: jnp.asarray(v) for k, v in wrapped.data[0].items()}
+    batch = {k: v[None] for k, v in batch.items()}
+    half, _ = wrapped.loss(model, batch, nnx.Rngs(1))
+    whole, _ = lm.loss(model, batch, nnx.Rngs(1))
+    assert float(half) == 0.5 * float(whole)
+    params = nnx.state(model, nnx.Param)
+    assert len(wrapped.optimizer(optim.make_schedule(c.optim, 2)).init(params)) == 2
 
 
 def poisoned(examples, step, global_batch_size=16, seed=0):

@@ -3,7 +3,8 @@
 examples/custom_model.py defines its own NNX model (BatchNorm, dropout with its own RNG
 stream), loss and numpy data, and trains them through the public API on 8 simulated
 devices with fsdp x tensor sharding. Here it is killed and resumed bitwise, and restored
-onto another mesh.
+onto another mesh, and the README's plain-Orbax block reads its checkpoint in a 1-device
+process.
 """
 
 import importlib.util
@@ -133,3 +134,49 @@ def test_restored_onto_another_mesh(reference, tmp_path):
     np.testing.assert_allclose(
         [got[s]["loss"] for s in steps], [want[s]["loss"] for s in steps], rtol=1e-5
     )
+
+
+# Runs the README's block (argv[1]) and saves what it restored (argv[2]).
+READ_BACK = """
+import runpy, sys
+import jax, numpy as np
+namespace = runpy.run_path(sys.argv[1])
+assert jax.device_count() == 1, jax.devices()
+leaves = jax.tree_util.tree_flatten_with_path(namespace["restored"]["state"])[0]
+def bits(x):  # the dropout RNG stream's key as its raw data
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        return np.asarray(jax.random.key_data(x))
+    return np.asarray(x)
+np.savez(sys.argv[2], **{jax.tree_util.keystr(p): bits(x) for p, x in leaves})
+assert namespace["params"] is namespace["restored"]["state"]["params"]
+"""
+
+
+def _readme_orbax_block():
+    with open(os.path.join(REPO, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    section = readme.split("## Checkpoints are plain Orbax\n", 1)[1].split("\n## ", 1)[0]
+    [block] = re.findall(r"```python\n(.*?)```", section, re.S)
+    return block
+
+
+def test_readme_orbax_block_restores_in_one_device(reference, tmp_path):
+    (tmp_path / "runs").mkdir()
+    os.symlink(reference, tmp_path / "runs" / "gpt_pysource")  # the path the block names
+    (tmp_path / "block.py").write_text(_readme_orbax_block())
+    (tmp_path / "read_back.py").write_text(READ_BACK)
+    env = {**_env(), "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one device, not eight
+    proc = subprocess.run(
+        [sys.executable, "read_back.py", "block.py", "restored.npz"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp_path / "restored.npz")
+    want = jax.tree_util.tree_flatten_with_path(_final_state(reference))[0]
+    assert sorted(got.files) == sorted(jax.tree_util.keystr(p) for p, _ in want)
+    for path, x in want:
+        np.testing.assert_array_equal(got[jax.tree_util.keystr(path)], _bits(x))

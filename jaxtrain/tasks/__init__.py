@@ -7,7 +7,10 @@ written the same way in this package:
     task = Task(model=lambda rngs: MyNet(rngs=rngs), loss=my_loss, data=arrays)
 
 `config.task` names a bundled task or a function `"package.module:make_task"` that takes
-the config and returns a Task; `from_config` resolves it.
+the config and returns a Task; `from_config` resolves it. The bundled tasks' pieces
+(`jaxtrain.tasks.lm.make_task`, `.loss`, `.eval_metrics`, ...; the same in
+`jaxtrain.tasks.classification`) are public, to wrap: `dataclasses.replace(
+lm.make_task(config), loss=my_loss)` (see `jaxtrain.tasks.lm`).
 """
 
 import dataclasses
@@ -97,22 +100,29 @@ def per_example(loss: LossFn) -> EvalFn:
     """Eval metrics from a loss: `loss` and its metrics for each example of a batch alone.
 
     Runs the loss under `jax.vmap` on batches of one, so padding rows never mix with
-    real ones. Activation sharding constraints are off inside (a batch of one does not
-    split), which costs nothing in eval mode.
+    real ones. Each example draws its own randomness: the loss's `rngs` and every RNG
+    stream the model holds (an `nnx.Rngs` in its state, as a VAE's reparameterisation
+    noise) are split over the batch (`nnx.split_rngs`), so example `i` of the global
+    batch gets the `i`-th key whatever the mesh, and every evaluation the same keys.
+    Activation sharding constraints are off inside (a batch of one does not split),
+    which costs nothing in eval mode.
     """
 
     def eval_metrics(model, batch, rngs):
-        graphdef, state = nnx.split(model)
-        state = nnx.to_pure_dict(state)  # arrays: each example's model is its own copy
         size = jax.tree.leaves(batch)[0].shape[0]
+        # Without the split every example would draw the model's one key: the same noise.
+        model = nnx.split_rngs(model, splits=size, graph_updates=False)
+        graphdef, streams, rest = nnx.split(model, nnx.RngState, ...)
+        # Arrays: each example's model is its own copy; only the RNG streams differ.
+        streams, rest = nnx.to_pure_dict(streams), nnx.to_pure_dict(rest)
 
-        def one(example, key):
+        def one(example, key, model_streams):
             single = jax.tree.map(lambda x: x[None], example)
-            value, metrics = loss(nnx.merge(graphdef, state), single, nnx.Rngs(key))
+            value, metrics = loss(nnx.merge(graphdef, model_streams, rest), single, nnx.Rngs(key))
             return {"loss": value, **metrics}
 
         with sharding.use_rules(None):
-            return jax.vmap(one)(batch, jax.random.split(rngs(), size))
+            return jax.vmap(one)(batch, jax.random.split(rngs(), size), streams)
 
     return eval_metrics
 

@@ -3,6 +3,11 @@
 `config.task = "classification"`: the model named by `config.model` (the bundled CNN, or
 an import path to any module mapping uint8 images [batch, height, width, channels] to
 logits [batch, classes]), trained on a TFDS image data set (`config.data`).
+
+Its pieces (`__all__`) are public, for wrapping rather than forking, as
+`jaxtrain.tasks.lm` shows: `dataclasses.replace(classification.make_task(config),
+loss=my_loss, optimizer=...)`, with `example_losses` (per-example cross-entropy and
+correctness) to build a loss from. Evaluation keeps `eval_metrics`.
 """
 
 import jax
@@ -15,6 +20,8 @@ from jaxtrain.config import is_int, require
 from jaxtrain.data import synthetic
 from jaxtrain.errors import ConfigError
 from jaxtrain.tasks import Task
+
+__all__ = ["eval_metrics", "example_losses", "labelled_images", "loss", "make_task"]
 
 
 def example_losses(logits, labels):
@@ -87,6 +94,9 @@ def check_data_fields(config, features) -> None:
 
 def make_task(config) -> Task:
     """The classification task of a config (configs/digits_cnn.py); loads no data.
+
+    The task's `loss` is `loss`, its `eval_metrics` `eval_metrics`, its optimizer the
+    config's (`optimizer=None`); replace any of them with `dataclasses.replace`.
 
     One example's image shape comes from `config.model.image_shape` when the model has
     that field (the bundled CNN), otherwise from the first training example.

@@ -3,6 +3,33 @@
 `config.task = "lm"`: the model named by `config.model` (the bundled GPT, or an import
 path to any module mapping tokens [batch, length] to logits [batch, length, vocab]),
 trained on consecutive windows of a TFDS text data set's bytes (`config.data`).
+
+Its pieces (`__all__`) are public, for wrapping rather than forking: build the task of a
+config, then replace what you change (a `jaxtrain.Task` is a frozen dataclass):
+
+    import dataclasses
+    import optax
+    from jaxtrain import optim
+    from jaxtrain.tasks import lm
+
+    def smoothed(model, batch, rngs):  # lm.loss with label smoothing
+        logits = model(batch["inputs"], rngs=rngs)
+        labels = optax.smooth_labels(jax.nn.one_hot(batch["targets"], logits.shape[-1]), 0.1)
+        return jnp.mean(optax.softmax_cross_entropy(logits, labels)), {}
+
+    task = dataclasses.replace(
+        lm.make_task(config),
+        loss=smoothed,
+        # The config's optimizer (optim.make_optimizer), after a transformation of yours.
+        optimizer=lambda schedule: optax.chain(
+            optax.add_noise(0.01, 0.55, seed=0), optim.make_optimizer(config.optim, schedule)
+        ),
+    )
+    jaxtrain.train_and_evaluate(config, workdir, task=task)
+
+Evaluation keeps `eval_metrics` (per-token cross-entropy and accuracy), so a wrapped and
+a plain run report the same quantity. From the command line, a function of yours that
+returns such a task is `config.task = "my_tasks:make_task"`.
 """
 
 import jax
@@ -17,6 +44,18 @@ from jaxtrain.errors import ConfigError
 from jaxtrain.models import gpt
 from jaxtrain.tasks import Task
 
+__all__ = [
+    "DOCUMENT_SEPARATOR",
+    "TokenWindows",
+    "eval_metrics",
+    "load_tokens",
+    "loss",
+    "make_task",
+    "summarize_eval",
+    "text_windows",
+    "token_losses",
+]
+
 # Separates documents in the byte stream of a text data set; source files contain no NULs.
 DOCUMENT_SEPARATOR = 0
 
@@ -29,7 +68,17 @@ def token_losses(logits, targets):
 
 
 def loss(model, batch, rngs):
-    """Mean next-token cross-entropy of a batch, and its token accuracy."""
+    """Mean next-token cross-entropy of a batch, and its token accuracy (the train loss).
+
+    Args:
+      model: maps `batch["inputs"]` (int32 [batch, length]) to logits, called with
+        `rngs=` (dropout).
+      batch: `{"inputs", "targets"}`, targets the inputs shifted by one.
+      rngs: this step's `nnx.Rngs`.
+
+    Returns:
+      (loss, {"accuracy": ...}), both means over every token of the batch.
+    """
     losses, correct = token_losses(model(batch["inputs"], rngs=rngs), batch["targets"])
     return jnp.mean(losses), {"accuracy": jnp.mean(correct)}
 
@@ -118,6 +167,9 @@ def check_data_fields(config, features) -> None:
 
 def make_task(config) -> Task:
     """The LM task of a config (configs/gpt_pysource.py); checks names, loads no data.
+
+    The task's `loss` is `loss`, its `eval_metrics` `eval_metrics`, its optimizer the
+    config's (`optimizer=None`); replace any of them with `dataclasses.replace`.
 
     `config.data.name = "synthetic"` trains on random tokens below
     `config.model.vocab_size` (256 for a model without that field), made per example.
