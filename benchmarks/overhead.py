@@ -18,7 +18,6 @@ Reports the median seconds per step of each and jaxtrain's throughput relative t
 
 import argparse
 import ast
-import json
 import os
 import statistics
 import tempfile
@@ -27,7 +26,7 @@ import time
 import jax
 
 import jaxtrain
-from jaxtrain import data, optim, precision, sharding, state, steps, tasks
+from jaxtrain import data, metrics_jsonl, optim, precision, sharding, state, steps, tasks
 from jaxtrain.train import train_and_evaluate
 
 
@@ -51,8 +50,7 @@ def jaxtrain_seconds_per_step(config, warmup: int, steps_: int) -> float:
     config.log_every_steps = warmup
     with tempfile.TemporaryDirectory() as workdir:
         train_and_evaluate(config, workdir)
-        with open(os.path.join(workdir, "metrics.jsonl")) as f:
-            records = [json.loads(line) for line in f]
+        records = metrics_jsonl.read_records(os.path.join(workdir, "metrics.jsonl"))
     timed = [r for r in records if r["split"] == "train" and r["step"] > warmup]
     # Each record's step_time_s is the mean over its interval: weight by its steps.
     starts = [warmup] + [r["step"] for r in timed[:-1]]

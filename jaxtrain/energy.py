@@ -10,7 +10,8 @@ energy times `config.energy.grid_kg_co2e_per_kwh`. Either way it is an estimate,
 file says so and how it was made.
 
 Each run adds one record to the file, so a resumed run's file holds every part that
-ended (finished, stopped or failed; a killed process writes nothing) and their total.
+ended (finished, stopped or failed; a killed process writes nothing) and their total. A
+file that cannot be written is the run's StorageError (exit 74), like its other files.
 """
 
 import json
@@ -153,31 +154,48 @@ class EnergyMeter:
 def write(workdir: str, record: dict) -> dict:
     """Adds `record` to `workdir/energy.json` (process 0), with the running total.
 
+    A file that is not one of ours (damaged bytes, an edit) is kept as `energy.json.damaged`,
+    with a warning, and a new one started: earlier parts' records are never dropped unseen.
+
     Returns:
       The file's contents.
+
+    Raises:
+      StorageError: the file cannot be read or written (disk full, permission), naming it;
+        the old file is as it was.
     """
     path = os.path.join(workdir, ENERGY_FILE)
+    runs, damaged = [], False
     try:
         with open(path, encoding="utf-8") as f:
             runs = json.load(f)["runs"]
-    except (OSError, ValueError, KeyError):
-        runs = []
+        if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+            raise TypeError("runs is not a list of records")
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        raise files.storage_error("read", path, e) from e
+    except (ValueError, KeyError, TypeError):
+        runs, damaged = [], True
     runs.append(record)
-    known = [r["energy_kwh"] for r in runs if r.get("energy_kwh") is not None]
-    emissions = [r["emissions_kg_co2e"] for r in runs if r.get("emissions_kg_co2e") is not None]
+    known = [r["energy_kwh"] for r in runs if is_number(r.get("energy_kwh"))]
+    emissions = [r["emissions_kg_co2e"] for r in runs if is_number(r.get("emissions_kg_co2e"))]
     contents = {
         "estimate": True,
         "note": "an estimate, not a meter reading: see `method` in each run",
         "energy_kwh": sum(known) if known else None,
         "emissions_kg_co2e": sum(emissions) if emissions else None,
-        "seconds": sum(r["seconds"] for r in runs),
+        "seconds": sum(r["seconds"] for r in runs if is_number(r.get("seconds"))),
         "runs": runs,
     }
     if jax.process_index() == 0:
         try:
+            if damaged:
+                os.replace(path, f"{path}.damaged")
+                logging.warning("%s is not an energy record; kept as %s.damaged", path, path)
             files.write_atomically(path, json.dumps(contents, indent=2))
-        except OSError as e:  # like the metrics: losing the estimate never fails the run
-            logging.warning("cannot write %s: %s", path, e.strerror or e)
+        except OSError as e:
+            raise files.storage_error("write", path, e) from e
     return contents
 
 

@@ -1,23 +1,29 @@
 """Metric writers: the console, `metrics.jsonl`, TensorBoard and W&B; step timing and memory.
 
-Only process 0 writes; every other process gets a writer that does nothing. Losing where
-metrics go never stops training: a console that went away (`| head`) is dropped
-silently, a metrics file that cannot be written (disk full) gets one warning, and the
-run goes on (its checkpoints then fail loudly if the disk is really full).
+Only process 0 writes; every other process gets a writer that does nothing. A console
+that went away (`| head`) is dropped silently, and W&B (a copy, over a network) gets one
+warning. The run's own files are its record: a `metrics.jsonl` or TensorBoard file that
+cannot be written (disk full, `ulimit -f`, read-only, permission) stops the run with a
+StorageError (one line naming the file, exit 74). Nothing is lost by it: the line that
+failed is cut back off, the last checkpoint is intact, and the rerun logs again, bitwise,
+the steps after that checkpoint.
+
+The file's format, and how a start repairs it: `jaxtrain.metrics_jsonl`.
 """
 
-import json
 import math
 import os
+import socket
+import struct
 import sys
 import time
 
 import jax
-from absl import logging
 from tqdm import tqdm
 
 from jaxtrain import files, tracking
 from jaxtrain.errors import StorageError
+from jaxtrain.metrics_jsonl import encode_record, resume_log
 
 _console_lost = False
 
@@ -92,15 +98,23 @@ class MetricWriter:
             disable=not (self.enabled and sys.stderr.isatty()),
         )
         if self.enabled:
-            from tensorboardX import SummaryWriter
+            try:
+                self._open(workdir, start_step, config)
+            except BaseException:
+                self.close()
+                raise
 
-            _truncate_jsonl(self._path, start_step)
-            self._jsonl = open(self._path, "a", encoding="utf-8")
-            self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
-            if config is not None:
-                tracking.write_hparams(self._tensorboard, config)
-                if config.get("logging", {}).get("wandb"):
-                    self._wandb = tracking.WandbRun(workdir, config)
+    def _open(self, workdir: str, start_step: int, config: dict | None) -> None:
+        resume_log(self._path, start_step)
+        try:
+            self._jsonl = files.open_for_appending(self._path)
+        except OSError as e:
+            raise files.storage_error("open", self._path, e) from e
+        self._tensorboard = EventFile(os.path.join(workdir, "tensorboard"))
+        if config is not None:
+            tracking.write_hparams(self._tensorboard, config)
+            if config.get("logging", {}).get("wandb"):
+                self._wandb = tracking.WandbRun(workdir, config)
 
     def advance(self, steps: int = 1) -> None:
         """Moves the progress bar."""
@@ -114,21 +128,13 @@ class MetricWriter:
         keys = sorted(scalars, key=lambda k: (order.get(k, len(order)), k))
         scalars = {k: float(scalars[k]) for k in keys}
         if self._jsonl is not None:
+            line = encode_record({"step": step, "split": split, **scalars}).encode() + b"\n"
             try:
-                self._jsonl.write(json.dumps({"step": step, "split": split, **scalars}) + "\n")
-                self._jsonl.flush()
-                for key, value in scalars.items():
-                    self._tensorboard.add_scalar(f"{split}/{key}", value, step)
-                self._tensorboard.flush()
+                files.append_line(self._jsonl, line)
             except OSError as e:
-                logging.warning(
-                    "cannot write metrics to %s (%s); training goes on, but metrics from "
-                    "step %d on are not recorded there",
-                    self._path,
-                    e.strerror or e,
-                    step,
-                )
                 self._close_files()
+                raise files.storage_error(f"write step {step}'s metrics to", self._path, e) from e
+            self._tensorboard.scalars(step, {f"{split}/{k}": v for k, v in scalars.items()})
         if self._wandb is not None:
             self._wandb.log(step, split, scalars)
         shown = " | ".join(f"{k} {_fmt(v)}" for k, v in scalars.items())
@@ -142,13 +148,82 @@ class MetricWriter:
             wandb_run.close()
 
     def _close_files(self) -> None:
-        files, self._jsonl, self._tensorboard = (self._jsonl, self._tensorboard), None, None
-        for f in files:
-            if f is not None:
-                try:
-                    f.close()
-                except OSError:  # what it could not flush was reported when it failed
-                    pass
+        jsonl, tensorboard = self._jsonl, self._tensorboard
+        self._jsonl = self._tensorboard = None
+        if jsonl is not None:
+            os.close(jsonl)  # each line was written whole: nothing is buffered
+        if tensorboard is not None:
+            tensorboard.close()
+
+
+class EventFile:
+    """A TensorBoard event file in `directory`: each event written whole, or not at all.
+
+    tensorboardX's writers buffer: SummaryWriter in a background thread, which on a full
+    disk dies (a traceback on stderr) and whose bounded queue then blocks the training loop
+    for ever; its EventsWriter in a buffered file, which half-writes a record and fails
+    again at close. This writes each event's TFRecord frame (length, CRC, event, CRC:
+    tensorboardX's framing) in one unbuffered append, cut back off if it fails.
+
+    Raises (on any call but close):
+      StorageError: the directory or its event file cannot be written, naming it.
+    """
+
+    def __init__(self, directory: str):
+        from tensorboardX.proto import event_pb2
+
+        # tensorboardX's name, and the pid: a rerun within the same second gets its own file.
+        name = f"events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}"
+        self.path = os.path.join(directory, name)
+        self._fd = None
+        try:
+            os.makedirs(directory, exist_ok=True)
+            self._fd = files.open_for_appending(self.path)
+        except OSError as e:
+            raise files.storage_error("write TensorBoard events in", directory, e) from e
+        try:
+            self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        except StorageError:
+            self.close()
+            os.remove(self.path)  # empty: nothing of this run's is lost
+            raise
+
+    def add_summary(self, summary, step: int | None = None) -> None:
+        """Writes one `Summary` proto (`tensorboardX.summary`) as an event at `step`."""
+        from tensorboardX.proto import event_pb2
+
+        event = event_pb2.Event(wall_time=time.time(), summary=summary)
+        if step is not None:
+            event.step = step
+        self._write(event)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        """Writes `{tag: value}` at `step` as one event."""
+        from tensorboardX.proto import summary_pb2
+
+        summary = summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]
+        )
+        self.add_summary(summary, step)
+
+    def _write(self, event) -> None:
+        from tensorboardX.record_writer import masked_crc32c
+
+        data = event.SerializeToString()
+        header = struct.pack("<Q", len(data))
+        frame = b"".join(
+            (header, struct.pack("<I", masked_crc32c(header)), data)
+            + (struct.pack("<I", masked_crc32c(data)),)
+        )
+        try:
+            files.append_frame(self._fd, frame)
+        except OSError as e:
+            raise files.storage_error("write TensorBoard events to", self.path, e) from e
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
 
 def append(workdir: str, step: int, split: str, scalars: dict[str, float]) -> dict:
@@ -167,10 +242,13 @@ def append(workdir: str, step: int, split: str, scalars: dict[str, float]) -> di
     if jax.process_index() == 0:
         path = os.path.join(workdir, "metrics.jsonl")
         try:
-            with open(path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+            fd = files.open_for_appending(path)
+            try:
+                files.append_line(fd, encode_record(record).encode() + b"\n")
+            finally:
+                os.close(fd)
         except OSError as e:
-            raise StorageError(f"cannot append to {path!r}: {e.strerror or e}") from e
+            raise files.storage_error("append to", path, e) from e
     return record
 
 
@@ -186,23 +264,6 @@ def _fmt(value: float) -> str:
     if value == 0 or 1e-3 <= abs(value) < 1e5:
         return f"{value:.4g}"
     return f"{value:.3e}"
-
-
-def _truncate_jsonl(path: str, last_step: int) -> None:
-    """Drops lines logged after `last_step`, through a temporary file and an atomic rename."""
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if json.loads(line)["step"] <= last_step:
-                kept.append(line)
-        except (ValueError, KeyError):
-            continue  # a line cut short by a kill
-    if len(kept) != len(lines):
-        files.write_atomically(path, "".join(kept))
 
 
 class StepTimer:

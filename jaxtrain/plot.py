@@ -7,9 +7,9 @@ Each run gets one colour: its training curve as a line, its evaluations during t
 records ("eval:<split>") as open squares. The legend names each run by its directory.
 """
 
-import json
 import os
 
+from jaxtrain import metrics_jsonl
 from jaxtrain.errors import ConfigError
 
 # 8 x 5 inches at 100 dpi: an 800 x 500 pixel PNG, readable in a README and a notebook.
@@ -24,26 +24,19 @@ _STYLES = {
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """The records of `workdir/metrics.jsonl`, in file order (a line cut short is skipped).
+    """The records of `workdir/metrics.jsonl`, in file order (`jaxtrain.metrics_jsonl.read_records`:
+    non-finite values as floats; a line cut short, or anything else not a record, skipped).
 
     Raises:
       ConfigError: no metrics.jsonl in `workdir`.
     """
     path = os.path.join(workdir, "metrics.jsonl")
     try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
+        return metrics_jsonl.read_records(path)
     except FileNotFoundError:
         raise ConfigError(f"run {workdir!r} has no metrics.jsonl (not a run directory?)") from None
     except OSError as e:
         raise ConfigError(f"cannot read {path!r}: {e.strerror or e}") from e
-    records = []
-    for line in lines:
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue  # the last line of a run killed mid-write
-    return records
 
 
 def curves(records: list[dict], metric: str) -> dict[str, tuple[list[int], list[float]]]:

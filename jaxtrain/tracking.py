@@ -19,6 +19,7 @@ import string
 
 from absl import logging
 
+from jaxtrain import files
 from jaxtrain.config import require
 from jaxtrain.errors import ConfigError
 
@@ -62,8 +63,12 @@ def flatten(config: dict, prefix: str = "") -> dict[str, bool | int | float | st
     return flat
 
 
-def write_hparams(summary_writer, config: dict) -> None:
-    """Records the config in TensorBoard's HParams dashboard, in the writer's directory.
+def write_hparams(event_file, config: dict) -> None:
+    """Records the config in TensorBoard's HParams dashboard, in the run's event file.
+
+    Args:
+      event_file: a `jaxtrain.metrics.EventFile` (anything with `add_summary(summary)`).
+      config: the run's resolved config, as a nested dict.
 
     tensorboardX's `add_hparams` would open a new, timestamped subdirectory: a second run
     in TensorBoard's list, apart from the run's scalars. Writing only the session-start
@@ -73,8 +78,7 @@ def write_hparams(summary_writer, config: dict) -> None:
     from tensorboardX.summary import hparams
 
     _, session_start, _ = hparams(flatten(config), {})
-    summary_writer.file_writer.add_summary(session_start)
-    summary_writer.flush()
+    event_file.add_summary(session_start)
 
 
 class WandbRun:
@@ -93,6 +97,7 @@ class WandbRun:
 
         fields = config["logging"]
         self._run = None
+        run_id = _run_id(workdir)  # outside the try: a file of ours that fails is exit 74
         try:
             self._run = wandb.init(
                 project=fields["wandb_project"] or None,
@@ -100,7 +105,7 @@ class WandbRun:
                 name=fields["wandb_name"]
                 or os.environ.get("WANDB_NAME")
                 or os.path.basename(os.path.abspath(workdir)),
-                id=_run_id(workdir),
+                id=run_id,
                 resume="allow",
                 dir=workdir,
                 config=config,
@@ -138,18 +143,26 @@ class WandbRun:
 
 
 def _run_id(workdir: str) -> str:
-    """The W&B run id of this run directory: read back on a rerun, made on the first."""
+    """The W&B run id of this run directory: read back on a rerun, made on the first.
+
+    Raises:
+      StorageError: the file cannot be read or written, naming it.
+    """
     path = os.path.join(workdir, WANDB_RUN_ID_FILE)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8", errors="replace") as f:
             run_id = f.read().strip()
         if run_id:
             return run_id
     except FileNotFoundError:
         pass
+    except OSError as e:
+        raise files.storage_error("read", path, e) from e
     # W&B's own ids look like this: 8 lowercase letters and digits.
     run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(run_id + "\n")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        files.write_atomically(path, run_id + "\n")
+    except OSError as e:
+        raise files.storage_error("write", path, e) from e
     return run_id

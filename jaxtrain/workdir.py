@@ -53,7 +53,8 @@ class WorkdirLock:
     checks have passed, for the message a second run gets.
 
     Raises (on entry):
-      ConfigError: another run holds the workdir: one line naming it (pid, host).
+      ConfigError: another run holds the workdir: one line naming it (pid, host); or the
+        path is not a directory (a file, a dangling symlink, under a file).
       StorageError: the lock file cannot be created (read-only file system, ...).
     """
 
@@ -65,9 +66,13 @@ class WorkdirLock:
     def __enter__(self):
         if jax.process_index() != 0:
             return self
+        _check_is_directory(self.workdir)
         try:
             os.makedirs(self.workdir, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except NotADirectoryError:  # a parent became a file after the check
+            _check_is_directory(self.workdir)
+            raise
         except OSError as e:
             raise StorageError(f"cannot lock workdir {self.workdir!r}: {e.strerror}") from e
         try:
@@ -91,14 +96,48 @@ class WorkdirLock:
             "host": socket.gethostname(),
             "since": datetime.datetime.now().isoformat(timespec="seconds"),
         }
-        os.ftruncate(self._fd, 0)
-        os.pwrite(self._fd, json.dumps(record).encode(), 0)
+        data = json.dumps(record).encode()
+        try:
+            # Over the old record, then cut to length: on a full disk its pages are still
+            # there to write over (truncating first would give them up).
+            written = 0
+            while written < len(data):  # a partial write, then EFBIG past `ulimit -f`
+                written += os.pwrite(self._fd, data[written:], written)
+            os.ftruncate(self._fd, len(data))
+        except OSError as e:
+            raise files.storage_error("write", self.path, e) from e
 
     def __exit__(self, *exc):
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor releases the lock
             self._fd = None
         return False
+
+
+def _check_is_directory(workdir: str) -> None:
+    """Refuses a workdir path that is, or is under, something other than a directory.
+
+    Raises:
+      ConfigError: naming the path and what it is.
+    """
+    path = os.path.abspath(workdir)
+    while True:
+        if os.path.islink(path) and not os.path.exists(path):
+            what = f"a symlink to {os.readlink(path)!r}, which does not exist"
+        elif os.path.lexists(path) and not os.path.isdir(path):
+            what = "a file" if os.path.isfile(path) else "not a directory"
+        else:
+            parent = os.path.dirname(path)
+            if parent == path or os.path.lexists(path):
+                return
+            path = parent
+            continue
+        where = "" if path == os.path.abspath(workdir) else f" (under {path!r}, which is {what})"
+        raise ConfigError(
+            f"workdir {workdir!r} is not a directory"
+            + (where or f": it is {what}")
+            + "; give a directory (made if missing)"
+        )
 
 
 def _describe_holder(fd: int) -> str:

@@ -113,6 +113,11 @@ def read_metrics(workdir, split="train"):
     with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
         for line in f:
             record = json.loads(line)
+            # Non-finite values are strings in the file (jaxtrain.metrics_jsonl): floats here.
+            record = {
+                k: float(v) if v in ("NaN", "Infinity", "-Infinity") else v
+                for k, v in record.items()
+            }
             if record["split"] == split:
                 assert record["step"] not in records, f"step {record['step']} logged twice"
                 records[record["step"]] = record
