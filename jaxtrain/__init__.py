@@ -29,8 +29,8 @@ batches); the command line is `jaxtrain train|plan|sample|eval|plot|export` (see
 """
 
 import importlib
-import importlib.util
-from typing import TYPE_CHECKING
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (type checkers know it)
 
 __version__ = "0.1.0"
 
@@ -89,7 +89,9 @@ def __getattr__(name: str):
         value = getattr(importlib.import_module(f"jaxtrain.{_MODULE_OF[name]}"), name)
         globals()[name] = value  # later lookups do not come here again
         return value
-    if not name.startswith("_") and importlib.util.find_spec(f"jaxtrain.{name}") is not None:
+    from importlib.util import find_spec
+
+    if not name.startswith("_") and find_spec(f"jaxtrain.{name}") is not None:
         return importlib.import_module(f"jaxtrain.{name}")  # as `import jaxtrain` used to
     raise AttributeError(f"module 'jaxtrain' has no attribute {name!r}")
 

@@ -25,11 +25,10 @@ imports nothing until a name is used. Every command then stops with one line and
 130) when a signal comes before it is done, `train` as `jaxtrain.preemption` describes.
 """
 
-import dataclasses
+import collections
 import difflib
 import gc
 import sys
-from collections.abc import Callable
 
 from jaxtrain import preemption
 from jaxtrain.errors import EXIT_BAD_INPUT, EXIT_IO, ConfigError, StorageError
@@ -57,6 +56,11 @@ commands:
 
 
 def _error(message: str, status: int = EXIT_BAD_INPUT) -> int:
+    # What a library made of the start-up handler's exception (a flag error, an ImportError
+    # from an extension that was initialising) is not the user's error: say what came.
+    signal_name = preemption.signal_seen()
+    if signal_name is not None:
+        raise preemption.Preempted(None, signal_name)
     # One write call: Orbax's and tensorstore's threads may still be writing to stderr, and
     # print() writes the text and its newline separately, so a line of theirs could land
     # between them.
@@ -112,15 +116,26 @@ def main(argv: list[str]) -> int:
         return _error(
             f"unknown command {command!r}; commands are {', '.join(names[:-1])} and {names[-1]}"
         )
+    preemption.name_command(command)
     try:
         return COMMANDS[command](argv[0], args)
-    except preemption.Preempted as e:
+    except Exception as e:
+        # The start-up handler raises `Preempted`; on its way out a library may have turned
+        # it into something else (jaxlib's extension init makes it an ImportError).
+        if isinstance(e, preemption.Preempted):
+            signal_name = e.signal_name
+        elif (signal_name := preemption.signal_seen()) is None:
+            raise
         preemption.disarm()  # one line, even under a flood of signals
-        if command != "train":  # a read-only command: nothing of a run to save or resume
-            e = preemption.Preempted(None, e.signal_name, what=f"jaxtrain {command}")
-        sys.stderr.write(f"jaxtrain: {e}\n")
+        if isinstance(e, preemption.Preempted) and (command == "train" or e.step is not None):
+            stopped = e
+        elif command == "train":
+            stopped = preemption.Preempted(None, signal_name)
+        else:  # a read-only command: nothing of a run to save or resume
+            stopped = preemption.Preempted(None, signal_name, what=f"jaxtrain {command}")
+        sys.stderr.write(f"jaxtrain: {stopped}\n")
         sys.stderr.flush()
-        return e.exit_status
+        return stopped.exit_status
 
 
 # --- train and plan: a config file and its --config.KEY=VALUE overrides -----------------
@@ -254,18 +269,20 @@ def _plan(flag_values) -> int:
 # --- sample, eval, plot, export: a run directory -------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _RunCommand:
+# A namedtuple, not a dataclass: `dataclasses` (with `inspect`) would be a third of what
+# the command imports before its signal handlers are in.
+class _RunCommand(
+    collections.namedtuple("_RunCommand", "define run required positional", defaults=((), False))
+):
     """A command over run directories: its flags, then `run(flag_values, positional)`.
+
+    Fields: `define(flags, flag_values)` declares the command's flags; `run(flag_values,
+    positional args)` runs it and returns the exit status; `required`: the flags that
+    must be given; `positional`: whether it takes positional arguments.
 
     Bad input (a flag, a run directory, an argument) is one line `jaxtrain: error: ...`
     and exit status 2.
     """
-
-    define: Callable  # define(flags, flag_values): declares the command's flags
-    run: Callable  # run(flag_values, positional args) -> exit status
-    required: tuple[str, ...] = ()  # flags that must be given
-    positional: bool = False  # whether it takes positional arguments
 
     def __call__(self, program: str, args: list[str]) -> int:
         from absl import flags
@@ -463,7 +480,7 @@ def run() -> None:
     # First: from here on SIGTERM and Ctrl-C stop the command with one line and 75 / 130
     # (`main`). Only Python's own start-up and this module's light imports came before
     # (milliseconds: about 20 ms from exec on a 2-core CPU host, mostly the interpreter).
-    preemption.stop_at_once_on_signals()
+    preemption.stop_at_once_on_signals(exit_at_once=True)
     global _CONSOLE
     _CONSOLE = True
     sys.unraisablehook = _drop_closed_loop_noise

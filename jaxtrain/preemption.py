@@ -94,8 +94,11 @@ class StopWatcher:
         name = signal.Signals(signum).name
         if self._signal is None:
             self._signal = name
-            if self._at_once:
-                raise Preempted(None, name)  # nothing to save yet: stop now
+            if self._at_once:  # nothing to save yet: stop now (see _StopAtOnce for how)
+                for handler in self._previous.values():
+                    if isinstance(handler, _StopAtOnce) and handler.exit_at_once:
+                        handler(signum, frame)
+                raise Preempted(None, name)
             if self._in_loop:
                 _say(f"jaxtrain: {name}: saving a checkpoint at the next step boundary, then stop")
         elif signum == signal.SIGINT and self._signal == "SIGINT":
@@ -170,24 +173,48 @@ def _say(line: str) -> None:
 
 
 class _StopAtOnce:
-    """A command's handler before a run starts (raise `Preempted`: nothing to save) and
-    after it has ended (ignore: a late signal must not change the exit status while the
-    interpreter and jax shut down). It remembers the first signal, in case what it raised
-    is caught on its way out (see `StopWatcher.__enter__` and `check_signals`)."""
+    """A command's handler before a run starts (nothing to save: stop) and after it has
+    ended (ignore: a late signal must not change the exit status while the interpreter
+    and jax shut down).
 
-    def __init__(self):
+    In the `jaxtrain` process itself (`exit_at_once`) it writes its one line and ends the
+    process there and then: an exception raised into an import can land inside a C
+    extension's initialisation, which jaxlib turns into an ImportError or a segfault
+    (seen: `from jaxlib import _jax` interrupted ~65 ms into `jaxtrain train`). Nothing is
+    being written yet: a run's `StopWatcher` takes over before its first write, and the
+    read-only commands write their output last, each in one write or atomically. Called
+    from Python, it raises `Preempted` instead, and remembers the signal in case what it
+    raised is caught on its way out (see `StopWatcher.__enter__` and `check_signals`).
+    """
+
+    def __init__(self, exit_at_once: bool = False):
         self.armed = True
+        self.exit_at_once = exit_at_once
         self.signal: str | None = None
+        self.what: str | None = None  # the command, when it is not `train` (for the line)
 
     def __call__(self, signum, frame):
         if self.armed:
-            self.signal = self.signal or signal.Signals(signum).name
-            raise Preempted(None, signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            self.signal = self.signal or name
+            stopped = Preempted(None, name, what=self.what)
+            if self.exit_at_once:
+                _say(f"jaxtrain: {stopped}")
+                os._exit(stopped.exit_status)
+            raise stopped
 
 
-def stop_at_once_on_signals() -> dict:
-    """SIGTERM and SIGINT raise `Preempted` at once, until a run's `StopWatcher` has
-    taken over and ended; after that they are ignored.
+def name_command(command: str) -> None:
+    """Tells the start-up handler which command runs (its line names it)."""
+    handler = signal.getsignal(signal.SIGTERM)
+    if isinstance(handler, _StopAtOnce) and command != "train":
+        handler.what = f"jaxtrain {command}"
+
+
+def stop_at_once_on_signals(exit_at_once: bool = False) -> dict:
+    """SIGTERM and SIGINT stop the command at once (exit 75 / 130 with one line where
+    `exit_at_once`, else raise `Preempted`), until a run's `StopWatcher` has taken over
+    and ended; after that they are ignored.
 
     For a command's start-up: the `jaxtrain` command calls it first (`jaxtrain.cli.run`),
     `jaxtrain.cli.main` again for `train` when called from Python; where it is already in
@@ -201,7 +228,7 @@ def stop_at_once_on_signals() -> dict:
     current = signal.getsignal(signal.SIGTERM)
     if isinstance(current, _StopAtOnce) and current.armed:
         return {}
-    stop = _StopAtOnce()
+    stop = _StopAtOnce(exit_at_once)
     return {signum: signal.signal(signum, stop) for signum in (signal.SIGTERM, signal.SIGINT)}
 
 
@@ -212,9 +239,15 @@ def check_signals() -> None:
     Raises:
       Preempted: such a signal came.
     """
+    signal_name = signal_seen()
+    if signal_name is not None:
+        raise Preempted(None, signal_name)
+
+
+def signal_seen() -> str | None:
+    """The signal the command's start-up handler (still in place) has seen, if any."""
     handler = signal.getsignal(signal.SIGTERM)
-    if isinstance(handler, _StopAtOnce) and handler.armed and handler.signal:
-        raise Preempted(None, handler.signal)
+    return handler.signal if isinstance(handler, _StopAtOnce) else None
 
 
 def disarm() -> None:
