@@ -227,3 +227,53 @@ def test_a_sigterm_during_a_whole_split_evaluation_abandons_it_saves_and_exits_7
     resumed, want = read_metrics(workdir), read_metrics(reference)
     assert [resumed[s]["loss"] for s in (1, 2, 3, 4)] == [want[s]["loss"] for s in (1, 2, 3, 4)]
     jax.tree.map(np.testing.assert_array_equal, _params(workdir, 4), _params(reference, 4))
+
+
+@pytest.mark.slow
+def test_two_processes_abandon_an_evaluation_at_the_same_batch(data_dir, tmp_path):
+    """Only process 1 is signalled mid-evaluation; jax's preemption sync point makes both
+    abandon at one batch (each batch is a collective: a difference would hang)."""
+    import portpicker
+    from test_multihost import _child_env
+
+    address = f"localhost:{portpicker.pick_unused_port()}"
+    workdir = tmp_path / "run"
+    workers = []
+    for process_id in range(2):
+        command = [os.path.join(BIN, "jaxtrain")]
+        command += _train_args(workdir, data_dir, "--config.num_train_steps=4")
+        command += ["--config.eval_every_steps=2", "--config.eval_steps=-1"]
+        command += ["--config.checkpoint_every_steps=1000", "--config.log_every_steps=1"]
+        command += ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]
+        command += [f"--coordinator_address={address}", "--num_processes=2"]
+        command += [f"--process_id={process_id}"]
+        out = open(tmp_path / f"worker{process_id}.out", "w")  # noqa: SIM115
+        workers.append(
+            subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=_child_env())
+        )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and all(p.poll() is None for p in workers):
+            try:
+                if 2 in read_metrics(workdir):
+                    break
+            except (FileNotFoundError, ValueError):
+                pass
+            time.sleep(0.02)
+        time.sleep(1.0)
+        assert all(p.poll() is None for p in workers), "a worker ended before the signal"
+        signalled = time.monotonic()
+        workers[1].send_signal(signal.SIGTERM)
+        for proc in workers:
+            proc.wait(timeout=120)
+        took = time.monotonic() - signalled
+    finally:
+        for proc in workers:
+            proc.kill()
+    logs = [(tmp_path / f"worker{i}.out").read_text() for i in range(2)]
+    assert [p.returncode for p in workers] == [75, 75], [log[-2000:] for log in logs]
+    assert took < 20, f"{took:.1f} s from SIGTERM to exit"
+    assert all("preempted at step 2 (SIGTERM)" in log for log in logs)
+    assert (workdir / "checkpoints" / "2" / integrity.COMMIT_MARKER).exists()
+    [abandoned] = [r for r in _records(workdir) if r["split"] == "eval_abandoned"]
+    assert 0 < abandoned["batches_done"] < abandoned["batches"]
