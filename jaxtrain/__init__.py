@@ -28,15 +28,9 @@ batches); the command line is `jaxtrain train|plan|sample|eval|plot|export` (see
 `jaxtrain.runs`, `jaxtrain.plot`, `jaxtrain.export`).
 """
 
-from jaxtrain.checkpoint import Checkpointer, latest_compatible_step
-from jaxtrain.config import load_config
-from jaxtrain.errors import ConfigError
-from jaxtrain.runs import load_run
-from jaxtrain.sharding import Rules, make_mesh
-from jaxtrain.state import StateLayout, TrainState, create_state, make_state_layout
-from jaxtrain.steps import compile_train_step, jit_eval_step, make_eval_step, make_train_step
-from jaxtrain.tasks import Task, per_example
-from jaxtrain.train import evaluate, train_and_evaluate
+import importlib
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing (type checkers know it)
 
 __version__ = "0.1.0"
 
@@ -61,3 +55,58 @@ __all__ = [
     "per_example",
     "train_and_evaluate",
 ]
+
+# Each public name is imported from its module on first use (PEP 562), not here: importing
+# jax, flax and orbax takes seconds, and the `jaxtrain` command must install its signal
+# handlers before that (a preemption notice in the first seconds is exit 75, not 143).
+# Twenty lines, so no lazy-loading dependency (lazy_loader) for them.
+_MODULE_OF = {
+    "Checkpointer": "checkpoint",
+    "latest_compatible_step": "checkpoint",
+    "load_config": "config",
+    "ConfigError": "errors",
+    "load_run": "runs",
+    "Rules": "sharding",
+    "make_mesh": "sharding",
+    "StateLayout": "state",
+    "TrainState": "state",
+    "create_state": "state",
+    "make_state_layout": "state",
+    "compile_train_step": "steps",
+    "jit_eval_step": "steps",
+    "make_eval_step": "steps",
+    "make_train_step": "steps",
+    "Task": "tasks",
+    "per_example": "tasks",
+    "evaluate": "train",
+    "train_and_evaluate": "train",
+}
+
+
+def __getattr__(name: str):
+    """A public name, or a submodule (`jaxtrain.data`), imported on first use."""
+    if name in _MODULE_OF:
+        value = getattr(importlib.import_module(f"jaxtrain.{_MODULE_OF[name]}"), name)
+        globals()[name] = value  # later lookups do not come here again
+        return value
+    from importlib.util import find_spec
+
+    if not name.startswith("_") and find_spec(f"jaxtrain.{name}") is not None:
+        return importlib.import_module(f"jaxtrain.{name}")  # as `import jaxtrain` used to
+    raise AttributeError(f"module 'jaxtrain' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs, which do not run __getattr__
+    from jaxtrain.checkpoint import Checkpointer, latest_compatible_step
+    from jaxtrain.config import load_config
+    from jaxtrain.errors import ConfigError
+    from jaxtrain.runs import load_run
+    from jaxtrain.sharding import Rules, make_mesh
+    from jaxtrain.state import StateLayout, TrainState, create_state, make_state_layout
+    from jaxtrain.steps import compile_train_step, jit_eval_step, make_eval_step, make_train_step
+    from jaxtrain.tasks import Task, per_example
+    from jaxtrain.train import evaluate, train_and_evaluate

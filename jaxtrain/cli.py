@@ -19,16 +19,19 @@ loss, gradient or update stopped the run (config.nonfinite); 65 a data set's fil
 damaged (one line naming the file and what rebuilds it); 74 the disk or file system
 failed (one line naming the path and the cause); 75 preempted (SIGTERM): a checkpoint of
 the last step has committed, rerun the same command; 130 Ctrl-C, likewise.
+
+A signal is handled from the command's first line (`run`), before jax, flax and orbax
+are imported: this module imports only light ones at its top, and `jaxtrain/__init__.py`
+imports nothing until a name is used. Every command then stops with one line and 75 (or
+130) when a signal comes before it is done, `train` as `jaxtrain.preemption` describes.
 """
 
-import dataclasses
+import collections
 import difflib
 import gc
-import signal
 import sys
-from collections.abc import Callable
 
-from jaxtrain.config import load_config
+from jaxtrain import preemption
 from jaxtrain.errors import EXIT_BAD_INPUT, EXIT_DATA, EXIT_IO, ConfigError, DataError, StorageError
 
 USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.KEY=VALUE ...]
@@ -54,6 +57,11 @@ commands:
 
 
 def _error(message: str, status: int = EXIT_BAD_INPUT) -> int:
+    # What a library made of the start-up handler's exception (a flag error, an ImportError
+    # from an extension that was initialising) is not the user's error: say what came.
+    signal_name = preemption.signal_seen()
+    if signal_name is not None:
+        raise preemption.Preempted(None, signal_name)
     # One write call: Orbax's and tensorstore's threads may still be writing to stderr, and
     # print() writes the text and its newline separately, so a line of theirs could land
     # between them.
@@ -105,7 +113,26 @@ def main(argv: list[str]) -> int:
         return _error(
             f"unknown command {command!r}; commands are {', '.join(names[:-1])} and {names[-1]}"
         )
-    return COMMANDS[command](argv[0], args)
+    preemption.name_command(command)
+    try:
+        return COMMANDS[command](argv[0], args)
+    except Exception as e:
+        # The start-up handler raises `Preempted`; on its way out a library may have turned
+        # it into something else (jaxlib's extension init makes it an ImportError).
+        if isinstance(e, preemption.Preempted):
+            signal_name = e.signal_name
+        elif (signal_name := preemption.signal_seen()) is None:
+            raise
+        preemption.disarm()  # one line, even under a flood of signals
+        if isinstance(e, preemption.Preempted) and (command == "train" or e.step is not None):
+            stopped = e
+        elif command == "train":
+            stopped = preemption.Preempted(None, signal_name)
+        else:  # a read-only command: nothing of a run to save or resume
+            stopped = preemption.Preempted(None, signal_name, what=f"jaxtrain {command}")
+        sys.stderr.write(f"jaxtrain: {stopped}\n")
+        sys.stderr.flush()
+        return stopped.exit_status
 
 
 # --- train and plan: a config file and its --config.KEY=VALUE overrides -----------------
@@ -113,6 +140,8 @@ def main(argv: list[str]) -> int:
 
 def _config_command(command: str, program: str, args: list[str]) -> int:
     """Parses `train` and `plan` flags (the config and its overrides) and runs the command."""
+    from jaxtrain.config import load_config
+
     spec = _flag_value(args, "config")
     if not spec:
         return _error("--config=FILE.py[:ARG] is required")
@@ -194,36 +223,29 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
 
 def _train(flag_values) -> int:
     from jaxtrain.errors import EXIT_NONFINITE
-    from jaxtrain.nonfinite import NonFiniteError
-    from jaxtrain.preemption import Preempted, restore_signal_handlers, stop_at_once_on_signals
 
     # Before anything slow: a signal until the run installs its own handling (in
-    # train_and_evaluate) stops the command at once, with nothing to save.
-    previous = stop_at_once_on_signals()
+    # train_and_evaluate) stops the command at once, with nothing to save (`main` says so).
+    # The `jaxtrain` command installed this in its first line already (`run`).
+    previous = preemption.stop_at_once_on_signals()
     try:
         from jaxtrain import distributed
+        from jaxtrain.nonfinite import NonFiniteError
         from jaxtrain.train import train_and_evaluate
 
+        preemption.check_signals()  # one that an import caught on its way out
         _freeze_imports()
         # First: jax sizes its backend to the whole job when the backend starts.
         if distributed.initialize(
             flag_values.coordinator_address, flag_values.num_processes, flag_values.process_id
         ):
             print(distributed.describe(), flush=True)  # each host's log says which it is
-        train_and_evaluate(flag_values.config, flag_values.workdir)
-    except Preempted as e:
-        print(f"jaxtrain: {e}", file=sys.stderr)
-        return e.exit_status
-    except NonFiniteError as e:
-        return _error(e, EXIT_NONFINITE)
-    finally:
-        if _CONSOLE:
-            # Python resets its own handlers to the default (terminate) while the
-            # interpreter shuts down: only SIG_IGN keeps a late signal from turning the
-            # status into 143.
-            restore_signal_handlers(dict.fromkeys(previous, signal.SIG_IGN))
-        else:  # called from Python (tests, notebooks): put them back
-            restore_signal_handlers(previous)
+        try:
+            train_and_evaluate(flag_values.config, flag_values.workdir)
+        except NonFiniteError as e:
+            return _error(e, EXIT_NONFINITE)
+    finally:  # called from Python (tests, notebooks): put them back
+        preemption.restore_signal_handlers(previous)
     return 0
 
 
@@ -253,18 +275,20 @@ def _plan(flag_values) -> int:
 # --- sample, eval, plot, export: a run directory -------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class _RunCommand:
+# A namedtuple, not a dataclass: `dataclasses` (with `inspect`) would be a third of what
+# the command imports before its signal handlers are in.
+class _RunCommand(
+    collections.namedtuple("_RunCommand", "define run required positional", defaults=((), False))
+):
     """A command over run directories: its flags, then `run(flag_values, positional)`.
+
+    Fields: `define(flags, flag_values)` declares the command's flags; `run(flag_values,
+    positional args)` runs it and returns the exit status; `required`: the flags that
+    must be given; `positional`: whether it takes positional arguments.
 
     Bad input (a flag, a run directory, an argument) is one line `jaxtrain: error: ...`
     and exit status 2.
     """
-
-    define: Callable  # define(flags, flag_values): declares the command's flags
-    run: Callable  # run(flag_values, positional args) -> exit status
-    required: tuple[str, ...] = ()  # flags that must be given
-    positional: bool = False  # whether it takes positional arguments
 
     def __call__(self, program: str, args: list[str]) -> int:
         from absl import flags
@@ -442,7 +466,10 @@ _CONSOLE = False
 
 
 def _drop_closed_loop_noise(unraisable) -> None:
-    """sys.unraisablehook: drops tensorstore's late callbacks into Orbax's closed loop.
+    """sys.unraisablehook: drops tensorstore's late callbacks into Orbax's closed loop, and
+    a `Preempted` that the start-up handler raised inside a callback Python does not let
+    exceptions out of (jax's gc callback, a `__del__`): its signal is remembered and acted
+    on at the next check (`preemption.check_signals`, the run's `StopWatcher`).
 
     When a checkpoint write fails (a full disk), Orbax closes the event loop of the failed
     save while tensorstore is still finishing the save's other writes; each of them then
@@ -451,6 +478,8 @@ def _drop_closed_loop_noise(unraisable) -> None:
     them: the failure itself is raised, reported and its checkpoint discarded. Anything
     else goes to Python's own hook.
     """
+    if isinstance(unraisable.exc_value, preemption.Preempted):
+        return
     if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == (
         "Event loop is closed"
     ):
@@ -459,11 +488,24 @@ def _drop_closed_loop_noise(unraisable) -> None:
 
 
 def run() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (`jaxtrain`, `python -m jaxtrain`)."""
+    # First: from here on SIGTERM and Ctrl-C stop the command with one line and 75 / 130
+    # (`main`). Only Python's own start-up and this module's light imports came before
+    # (milliseconds: about 20 ms from exec on a 2-core CPU host, mostly the interpreter).
+    preemption.stop_at_once_on_signals(exit_at_once=True)
     global _CONSOLE
     _CONSOLE = True
     sys.unraisablehook = _drop_closed_loop_noise
-    sys.exit(main(sys.argv))
+    try:
+        try:
+            status = main(sys.argv)
+        finally:
+            preemption.disarm()  # a signal from here on changes nothing: the command is done
+    except preemption.Preempted as e:  # one that came after `main` had returned or failed
+        sys.stderr.write(f"jaxtrain: {e}\n")
+        status = e.exit_status
+    preemption.ignore_signals_from_now_on()
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ before the first byte is written to the workdir.
 import contextlib
 import json
 import math
+import os
 import time
 from concurrent import futures
 
 import jax
+import numpy as np
 from absl import logging
 
 from jaxtrain import (
@@ -37,7 +39,7 @@ from jaxtrain import config as config_lib
 from jaxtrain import state as state_lib
 from jaxtrain import tasks as tasks_lib
 from jaxtrain import workdir as workdir_lib
-from jaxtrain.preemption import StopWatcher
+from jaxtrain.preemption import EvalAbandoned, StopWatcher
 
 
 def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
@@ -184,6 +186,25 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
         late = None  # (step, metrics on device, local batch) the host has not read yet
         meter.track()
         stop.start_loop()
+
+        def evaluate_state(state):  # a signal abandons it between two batches
+            return evaluate(eval_step, state, eval_data, batch_shardings, task, config, stop=stop)
+
+        evaluate_state.num_batches = (
+            None if eval_data is None else _eval_batch_count(eval_data, config)
+        )
+
+        if eval_data is not None and _eval_was_abandoned(workdir, start_step):
+            # The stopped run abandoned this step's evaluation (and saved the step without
+            # it): evaluate it first, so that the eval curve has every point it asked for
+            # and the last step's evaluation, the run's result, is not lost. The state is
+            # only read: training goes on bitwise as if it had never stopped.
+            metrics.console(f"step {start_step}: evaluating it again (abandoned when stopped)")
+            eval_metrics = _evaluate_step(start_step, evaluate_state, state, writer)
+            if eval_metrics is None:  # abandoned again: its checkpoint is there already
+                raise stop.stop(start_step)
+            result.update(eval_metrics)
+            reporter.timer.reset(start_step)
         for step in range(start_step + 1, config.num_train_steps + 1):
             with tracer.step(step):  # annotated for profiles; traced as config.profile says
                 state, step_metrics = train_step(state, next(batches))
@@ -202,10 +223,13 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             state, late = reporter.settle(*late, state), None
             eval_metrics = None
             if evaluate_now:
-                eval_metrics = evaluate(eval_step, state, eval_data, batch_shardings, task, config)
-                writer.write(step, "eval", eval_metrics)
-                _report_nonfinite_eval(step, eval_metrics)
-                result.update(eval_metrics)
+                # Stopping already: a whole-split evaluation could outlast the notice.
+                skip = stop.signal_name if stopping else None
+                eval_metrics = _evaluate_step(step, evaluate_state, state, writer, skip)
+                if eval_metrics is None:  # abandoned on a signal: save this step, then stop
+                    save_now = stopping = True
+                else:
+                    result.update(eval_metrics)
                 reporter.timer.reset(step)
             if save_now:  # eval metrics, when this step has them, let retention keep the best
                 ckpt.save(step, state, batches.state, config_dict, eval_metrics)
@@ -214,6 +238,52 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
                 raise stop.stop(step)
     result.update(reporter.last_train)
     return state, result
+
+
+def _evaluate_step(step, evaluate_state, state, writer, skip=None):
+    """Evaluates `step` and writes its metrics; None when a signal abandoned it, which is
+    then recorded as abandoned (a console line and an `eval_abandoned` record), never as
+    a result: no eval record for the step, and no best-checkpoint rank from its part.
+    `skip`: a signal's name: the run stops at this step, abandon before the first batch."""
+    try:
+        if skip is not None:
+            raise EvalAbandoned(0, evaluate_state.num_batches, skip)
+        eval_metrics = evaluate_state(state)
+    except EvalAbandoned as e:
+        metrics.console(
+            f"evaluation at step {step} abandoned after {e.done} of {e.total} batches "
+            f"({e.signal_name}); saving step {step} without it, a rerun evaluates it first"
+        )
+        writer.write(step, "eval_abandoned", {"batches_done": e.done, "batches": e.total})
+        return None
+    writer.write(step, "eval", eval_metrics)
+    _report_nonfinite_eval(step, eval_metrics)
+    return eval_metrics
+
+
+def _eval_was_abandoned(workdir: str, step: int) -> bool:
+    """Whether `step`'s last evaluation record in metrics.jsonl says it was abandoned (the
+    same answer on every process: process 0 reads the file, which is its own)."""
+    if not step:
+        return False
+    abandoned = False
+    if jax.process_index() == 0:
+        try:
+            with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
+                for line in f:
+                    try:
+                        record = json.loads(line)
+                        if record["step"] == step and record["split"] in ("eval", "eval_abandoned"):
+                            abandoned = record["split"] == "eval_abandoned"
+                    except (ValueError, KeyError, TypeError):
+                        continue  # a damaged line is not this one's business
+        except OSError:
+            abandoned = False  # no log to read: nothing known to be missing
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        abandoned = bool(multihost_utils.broadcast_one_to_all(np.int32(abandoned)))
+    return abandoned
 
 
 def _timed(function):
@@ -249,17 +319,43 @@ def _report_nonfinite_eval(step: int, eval_metrics: dict) -> None:
         )
 
 
-def evaluate(eval_step, state, examples, batch_shardings, task, config) -> dict[str, float]:
-    """The task's eval metrics over `examples` (or `config.eval_steps` batches of them)."""
+def evaluate(
+    eval_step, state, examples, batch_shardings, task, config, *, stop=None
+) -> dict[str, float]:
+    """The task's eval metrics over `examples` (or `config.eval_steps` batches of them).
+
+    Args:
+      eval_step: the compiled eval step (`jaxtrain.jit_eval_step`).
+      state: the TrainState to evaluate.
+      examples: the eval split (a grain MapDataset, `jaxtrain.data.as_dataset`).
+      batch_shardings: the batch's shardings (`jaxtrain.data.batch_shardings`).
+      task: the Task (its `summarize_eval`, if any, finishes the result).
+      config: the run's config (`global_batch_size`, `eval_steps`).
+      stop: a `jaxtrain.preemption.StopWatcher` (the loop's), asked before each batch;
+        None: the evaluation always runs to its end.
+
+    Returns:
+      {metric: mean over the evaluated examples}.
+
+    Raises:
+      EvalAbandoned: `stop` asked for a stop (a signal); nothing of the batches already
+        evaluated is returned. Every process abandons at the same batch.
+    """
     mask_sharding = data.example_sharding(batch_shardings)
-    totals = None
-    for local, mask in data.eval_batches(
-        examples,
-        global_batch_size=config.global_batch_size,
-        max_batches=config.eval_steps,
-        shard_index=jax.process_index(),
-        shard_count=jax.process_count(),
+    num_batches = _eval_batch_count(examples, config)
+    totals = previous = None
+    for done, (local, mask) in enumerate(
+        data.eval_batches(
+            examples,
+            global_batch_size=config.global_batch_size,
+            max_batches=config.eval_steps,
+            shard_index=jax.process_index(),
+            shard_count=jax.process_count(),
+        )
     ):
+        signal_name = stop.abandon_eval() if stop is not None else None
+        if signal_name is not None:
+            raise EvalAbandoned(done, num_batches, signal_name)
         sums = eval_step(
             state.params,
             state.model_state,
@@ -267,8 +363,21 @@ def evaluate(eval_step, state, examples, batch_shardings, task, config) -> dict[
             data.to_global(mask, mask_sharding),
         )
         totals = steps.add(totals, sums)
+        if stop is not None:
+            # At most two batches queued on the device: unbounded, the host would dispatch
+            # the whole split ahead, and a stop could not save before the device had run
+            # it all (the save's copy of the state waits behind them).
+            if previous is not None:
+                jax.block_until_ready(previous)
+            previous = totals
     result = steps.eval_means(jax.device_get(totals))
     return task.summarize_eval(result) if task.summarize_eval else result
+
+
+def _eval_batch_count(examples, config) -> int:
+    """How many global batches `data.eval_batches` makes of `examples` (same formula)."""
+    num_batches = math.ceil(len(examples) / config.global_batch_size)
+    return min(num_batches, config.eval_steps) if config.eval_steps > 0 else num_batches
 
 
 class StepReporter:
