@@ -18,6 +18,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.errors import ConfigError
+from jaxtrain.paths import path_str  # path_str: also read from here
 
 # Canonical order, outermost first: `tensor` is innermost so that its collectives run
 # between neighbouring devices (the fastest links on TPU ICI and within an NVLink domain).
@@ -178,19 +179,6 @@ def named_shardings(logical_specs, mesh: Mesh, rules: Rules):
         NamedSharding(mesh, rules.spec(spec, where=path_str(path))) for path, spec in leaves
     ]
     return jax.tree_util.tree_unflatten(treedef, shardings)
-
-
-def path_str(path) -> str:
-    """`('blocks', 0, 'attn', 'kernel')`-style key path as `blocks/0/attn/kernel`."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 # Activation constraints. Models call `constrain(x, names)` at block boundaries; it is a
