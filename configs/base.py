@@ -40,6 +40,12 @@ def get_config() -> ml_collections.ConfigDict:
     # Logical axis -> mesh axes. Changing parallelism is an edit here, not in the model.
     # "activation_batch" splits every input batch's leading (example) dimension.
     c.rules = (("activation_batch", ("data", "fsdp")),)
+    # Logical axes of weights by path pattern, for models that name none (any Flax layer
+    # as written): pairs (regex matching a whole variable path, one logical axis or None
+    # per dimension; or None: replicated). The first match wins; a weight's own names
+    # come before any pattern. E.g. ((r".*/kernel", ("embed", "mlp")),) with ("embed",
+    # "fsdp") and ("mlp", "tensor") in rules. Paths read like "linear1/kernel".
+    c.param_axes = ()
 
     c.data = dict(  # the examples: a bundled config names its data set here
         seed=0,  # shuffle order

@@ -198,6 +198,7 @@ def validate(config) -> None:
         nonfinite,
         precision,
         profiling,
+        sharding,
         tracking,
     )
 
@@ -252,6 +253,7 @@ def validate(config) -> None:
         ("grad_clip_norm", is_number(o.grad_clip_norm) and o.grad_clip_norm > 0, "positive"),
     ):
         require(ok, f"optim.{key}", o[key], what)
+    sharding.Rules(config.rules, param_axes=config.param_axes)  # rules and param_axes
     precision.check_config(config.precision)
     checkpoint.check_config(config.checkpoint)
     nonfinite.check_config(config.nonfinite)

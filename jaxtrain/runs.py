@@ -126,8 +126,10 @@ def load_run(
     except ConfigError as e:
         raise ConfigError(f"{e}; load it onto another mesh (--mesh=data=-1)") from e
     tx, _ = optim.optimizer_and_schedule(config, task.optimizer)
+    # config.param_axes: a run written before the field existed has none.
+    rules = sharding.Rules(config.rules, param_axes=config.get("param_axes", ()))
     layout = state_lib.make_state_layout(
-        task.model, tx, device_mesh, config.rules, trainable=task.trainable
+        task.model, tx, device_mesh, rules, trainable=task.trainable
     )
     directory = checkpoint.checkpoint_dir(workdir)
     if step is not None:

@@ -6,6 +6,10 @@ axes, so changing the parallelism strategy is a config edit:
 
     rules = Rules((("embed", "fsdp"), ("mlp", "tensor"), ("activation_batch", ("data", "fsdp"))))
     rules.spec(("embed", "mlp"))  # PartitionSpec('fsdp', 'tensor')
+
+A model whose weights carry no logical names (any Flax layer as written) gets them from
+the config by path instead (`config.param_axes`, as big_vision and MaxText shard by name
+patterns): `Rules(..., param_axes=((r".*linear.*/kernel", ("embed", "mlp")),))`.
 """
 
 import contextlib
@@ -18,6 +22,7 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from jaxtrain.errors import ConfigError
+from jaxtrain.paths import PathRules, path_str  # path_str: also read from here
 
 # Canonical order, outermost first: `tensor` is innermost so that its collectives run
 # between neighbouring devices (the fastest links on TPU ICI and within an NVLink domain).
@@ -30,17 +35,25 @@ BATCH_AXIS = "activation_batch"
 class Rules:
     """A logical-axis rules table, checked once: logical axis name -> tuple of mesh axes.
 
+    Also the logical axes of variables by path pattern (`param_axes`), for weights that
+    name none of their own: a `PathRules` of `(regex over the variable's path, logical
+    axes)`, first match wins; axes None leaves a match replicated whatever its rank.
+
     Args:
       rules: pairs `(logical_name, mesh_axes)`, mesh_axes a mesh axis name, a tuple of
         them, or None (replicated); or another Rules.
+      param_axes: pairs `(pattern, logical_axes)` (see `jaxtrain.paths`); None: those
+        of `rules` when it is a Rules, else none.
 
     Raises:
-      ConfigError: a rule names a mesh axis that is not one of MESH_AXES.
+      ConfigError: a rule names a mesh axis that is not one of MESH_AXES; a param_axes
+        pair that is malformed or names a logical axis without a rule.
     """
 
-    def __init__(self, rules):
+    def __init__(self, rules, param_axes=None):
         if isinstance(rules, Rules):
             self.table = dict(rules.table)
+            self.param_axes = rules.param_axes if param_axes is None else self._patterns(param_axes)
             return
         self.table: dict[str, tuple[str, ...]] = {}
         for name, axes in rules:
@@ -52,6 +65,27 @@ class Rules:
                     f"axes are {MESH_AXES}"
                 )
             self.table[name] = axes
+        self.param_axes = self._patterns(param_axes or ())
+
+    def _patterns(self, param_axes) -> PathRules:
+        def logical_axes(axes, name):
+            if axes is None:
+                return None
+            ok = not isinstance(axes, str) and isinstance(axes, Sequence)
+            if not ok or not all(a is None or isinstance(a, str) for a in axes):
+                raise ConfigError(
+                    f"{name} must give a tuple of logical axis names (or None) per "
+                    f"dimension, or None (replicated), got {axes!r}"
+                )
+            missing = [a for a in axes if a is not None and a not in self.table]
+            if missing:
+                raise ConfigError(
+                    f"{name} names logical axis {missing[0]!r}, which has no entry in "
+                    f"config.rules; known: {sorted(self.table)}"
+                )
+            return tuple(axes)
+
+        return PathRules(param_axes, "config.param_axes", logical_axes)
 
     def spec(self, logical_axes: Sequence[str | None], where: str = "") -> PartitionSpec:
         """Maps one logical name (or None: replicated) per dimension to a PartitionSpec.
@@ -84,7 +118,8 @@ class Rules:
         return PartitionSpec(*spec)
 
     def __repr__(self) -> str:
-        return f"Rules({tuple(self.table.items())})"
+        patterns = f", param_axes={self.param_axes!r}" if self.param_axes else ""
+        return f"Rules({tuple(self.table.items())}{patterns})"
 
 
 def mesh_shape(mesh_config, num_devices: int) -> dict[str, int]:
@@ -160,7 +195,7 @@ def mesh_and_rules(config, devices: Sequence[jax.Device] | None = None) -> tuple
         processes do not divide.
     """
     mesh = make_mesh(config.mesh, devices)
-    rules = Rules(config.rules)
+    rules = Rules(config.rules, param_axes=config.param_axes)
     check_batch_split(config.global_batch_size, config.microbatches, mesh, rules)
     return mesh, rules
 
@@ -178,19 +213,6 @@ def named_shardings(logical_specs, mesh: Mesh, rules: Rules):
         NamedSharding(mesh, rules.spec(spec, where=path_str(path))) for path, spec in leaves
     ]
     return jax.tree_util.tree_unflatten(treedef, shardings)
-
-
-def path_str(path) -> str:
-    """`('blocks', 0, 'attn', 'kernel')`-style key path as `blocks/0/attn/kernel`."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(str(key))
-    return "/".join(parts)
 
 
 # Activation constraints. Models call `constrain(x, names)` at block boundaries; it is a
@@ -263,20 +285,29 @@ def check_divisible(abstract_tree, what: str = "parameter") -> None:
     leaves = jax.tree_util.tree_flatten_with_path(abstract_tree)[0]
     for path, leaf in leaves:
         leaf_sharding = getattr(leaf, "sharding", None)
-        if not isinstance(leaf_sharding, NamedSharding):
+        if isinstance(leaf_sharding, NamedSharding):
+            problem = indivisible(leaf.shape, leaf_sharding)
+            if problem:
+                raise ConfigError(f"{what} {path_str(path)} of shape {problem}")
+
+
+def indivisible(shape, named_sharding: NamedSharding) -> str | None:
+    """Why an array of `shape` does not split evenly as `named_sharding` says, or None.
+
+    The message goes on from "PARAMETER of shape ": the shape, the mesh axis, the dimension.
+    """
+    for dim, axes in enumerate(named_sharding.spec):
+        if axes is None:
             continue
-        for dim, axes in enumerate(leaf_sharding.spec):
-            if axes is None:
-                continue
-            axes = (axes,) if isinstance(axes, str) else tuple(axes)
-            ways = math.prod(leaf_sharding.mesh.shape[a] for a in axes)
-            if leaf.shape[dim] % ways:
-                over = f"mesh axis {axes[0]!r}" if len(axes) == 1 else f"mesh axes {axes}"
-                raise ConfigError(
-                    f"{what} {path_str(path)} of shape {tuple(leaf.shape)} cannot be split "
-                    f"over {over} (size {ways}) along dimension {dim} "
-                    f"({leaf.shape[dim]} is not divisible by {ways})"
-                )
+        axes = (axes,) if isinstance(axes, str) else tuple(axes)
+        ways = math.prod(named_sharding.mesh.shape[a] for a in axes)
+        if shape[dim] % ways:
+            over = f"mesh axis {axes[0]!r}" if len(axes) == 1 else f"mesh axes {axes}"
+            return (
+                f"{tuple(shape)} cannot be split over {over} (size {ways}) along dimension "
+                f"{dim} ({shape[dim]} is not divisible by {ways})"
+            )
+    return None
 
 
 def check_batch_split(global_batch_size: int, microbatches: int, mesh: Mesh, rules: Rules) -> None:

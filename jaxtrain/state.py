@@ -10,6 +10,7 @@ variables back into the NNX model.
 
 import dataclasses
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -20,8 +21,9 @@ from absl import logging
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from jaxtrain.errors import ConfigError
 from jaxtrain.precision import LossScale
-from jaxtrain.sharding import Rules, check_divisible, named_shardings, path_str
+from jaxtrain.sharding import Rules, check_divisible, indivisible, path_str
 
 
 @struct.dataclass
@@ -94,28 +96,37 @@ def make_state_layout(
     *,
     trainable=nnx.Param,
     loss_scale: LossScale | None = None,
+    param_axes=None,
 ) -> StateLayout:
     """Traces the model and optimizer abstractly and lays their state out over `mesh`.
 
-    Every variable's sharding comes from its logical axis names through `rules`; one
-    without names is replicated. A parameter of two or more dimensions without names gets
-    one warning naming all such (an unsharded matrix defeats FSDP and tensor parallelism);
-    vectors and scalars (biases, norm scales) are small and replicated silently.
-    Optimizer moments take their parameter's sharding; counters are replicated.
+    Every variable's sharding comes from its logical axis names through `rules`: its own
+    names (`nnx.with_partitioning`, `kernel_metadata={"out_sharding": ...}`), else those
+    the first `param_axes` pattern matching its path gives (so an unmodified Flax model
+    shards too), else none: replicated. A parameter of two or more dimensions left
+    without names gets one warning naming all such (an unsharded matrix defeats FSDP and
+    tensor parallelism); vectors and scalars (biases, norm scales) are small and
+    replicated silently. Optimizer moments take their parameter's sharding; counters are
+    replicated.
 
     Args:
       model: `rngs -> nnx.Module`. Its `rngs` serves any stream name.
       tx: the optimizer.
       mesh: the device mesh.
-      rules: logical-axis rules (a Rules or pairs).
+      rules: logical-axis rules (a Rules or pairs), with their `param_axes` if a Rules.
       trainable: an NNX filter of the variables the optimizer updates.
       loss_scale: the run's loss scaling, for the scale a new state starts from; None:
         `LossScale()`'s (the scale is then carried but not used).
+      param_axes: `(regex over variable paths, logical axes)` pairs, first match wins,
+        as `config.param_axes` (e.g. `((r".*/kernel", ("embed", "mlp")),)`); they
+        replace the ones `rules` carries. None: those of `rules`.
 
     Raises:
-      ConfigError: a logical axis without a rule, or a weight its mesh axes do not divide.
+      ConfigError: a logical axis without a rule, a weight its mesh axes do not divide,
+        or a param_axes pattern that matches no variable or the wrong number of
+        dimensions.
     """
-    rules = Rules(rules)
+    rules = Rules(rules, param_axes=param_axes)
 
     def build(rng) -> nnx.Module:
         params_rng, dropout_rng, other_rng = jax.random.split(rng, 3)
@@ -127,9 +138,9 @@ def make_state_layout(
     graphdef, abstract_params, abstract_rest = nnx.split(
         abstract_model, trainable, _not_kept(trainable)
     )
-    _warn_unnamed(abstract_model)
-    param_shardings = _variable_shardings(abstract_params, mesh, rules)
-    rest_shardings = _variable_shardings(abstract_rest, mesh, rules)
+    param_shardings, rest_shardings = _variable_shardings(
+        (abstract_params, abstract_rest), mesh, rules
+    )
 
     def assemble(params, model_state, step_rng) -> TrainState:
         return TrainState(
@@ -184,42 +195,89 @@ def make_state_layout(
     return StateLayout(graphdef, tx, trainable, abstract_state, shardings, init, num_parameters)
 
 
-def _variable_shardings(abstract_variables: nnx.State, mesh: Mesh, rules: Rules):
-    """NamedShardings from the variables' logical names (none: replicated)."""
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(abstract_variables))
-    specs = jax.tree.map(
-        lambda spec: spec if isinstance(spec, PartitionSpec) else PartitionSpec(),
-        specs,
-        is_leaf=lambda x: isinstance(x, PartitionSpec),
-    )
-    return named_shardings(specs, mesh, rules)
+def _variable_shardings(parts: tuple[nnx.State, ...], mesh: Mesh, rules: Rules) -> tuple:
+    """NamedShardings of each of `parts` (nested dicts), from their logical axis names.
 
-
-def _warn_unnamed(abstract_model: nnx.Module) -> None:
-    specs = nnx.to_pure_dict(nnx.get_partition_spec(nnx.state(abstract_model, nnx.Param)))
-    values = nnx.to_pure_dict(nnx.state(abstract_model, nnx.Param))
-    unnamed = [
-        path_str(path)
-        for (path, spec), value in zip(
-            jax.tree_util.tree_flatten_with_path(
-                specs, is_leaf=lambda x: isinstance(x, PartitionSpec)
-            )[0],
-            jax.tree.leaves(values),
-            strict=True,
-        )
-        if value.ndim >= 2 and len(spec) != value.ndim
+    A variable's logical axes are its own, else the first `rules.param_axes` pattern's
+    that matches its path, else none (replicated). Its own names come first: config.rules
+    already remaps them, so a pattern is never needed to override a model's names, and a
+    broad pattern (".*/kernel") cannot undo a layout the model's author chose. Patterns
+    fill in what the model left unnamed, which is every weight of a Flax layer as written.
+    The parts are matched together (params, then the other variables: frozen weights,
+    statistics), so a pattern must match something in one of them.
+    """
+    found = [
+        (path_str(keys), variable)
+        for variables in parts
+        for keys, variable in nnx.to_flat_state(variables)
     ]
-    if unnamed:
-        shown = ", ".join(unnamed[:8]) + (
-            f" and {len(unnamed) - 8} more" if len(unnamed) > 8 else ""
+    own = {}  # path -> the variable's own logical axes
+    for path, variable in found:
+        spec = nnx.spmd.get_var_pspec(variable)
+        if spec is not None and len(spec):
+            own[path] = tuple(spec)
+    patterns = rules.param_axes
+    chosen = patterns.assign(path for path, _ in found)
+    for i in sorted(set(chosen.values())):
+        taken = [path for path, j in chosen.items() if j == i]
+        if all(path in own for path in taken):
+            raise ConfigError(
+                f"config.param_axes pattern {patterns.patterns[i]!r} selects only variables "
+                f"that name their own logical axes, which come first (e.g. {taken[0]}: "
+                f"{own[taken[0]]}); remap those through config.rules"
+            )
+    replicated = NamedSharding(mesh, PartitionSpec())
+    by_path, unnamed = {}, []
+    for path, variable in found:
+        shape = tuple(getattr(variable, "shape", ()))
+        what = "parameter" if isinstance(variable, nnx.Param) else "model variable"
+        if path in own:
+            by_path[path] = NamedSharding(mesh, rules.spec(own[path], where=path))
+        elif path in chosen and patterns.values[chosen[path]] is not None:
+            pattern, axes = patterns.patterns[chosen[path]], patterns.values[chosen[path]]
+            source = f"config.param_axes pattern {pattern!r} -> {axes}"
+            if len(axes) != len(shape):
+                raise ConfigError(
+                    f"{source} gives {len(axes)} logical axes to {what} {path} of shape "
+                    f"{shape}, which has {len(shape)} dimensions"
+                )
+            by_path[path] = NamedSharding(mesh, rules.spec(axes, where=f"{path}, by {source}"))
+            problem = indivisible(shape, by_path[path])
+            if problem:
+                raise ConfigError(f"{what} {path} of shape {problem}, by {source}")
+        else:
+            by_path[path] = replicated
+            if what == "parameter" and len(shape) >= 2 and path not in chosen:
+                unnamed.append((path, shape))
+    _warn_unnamed(unnamed)
+    return tuple(
+        jax.tree_util.tree_map_with_path(
+            lambda keys, _: by_path.get(path_str(keys), replicated), nnx.to_pure_dict(part)
         )
-        logging.warning(
-            "%d weight matrices have no logical axis names and are replicated on every device: %s "
-            "(name them with nnx.with_partitioning or kernel_metadata={'out_sharding': ...} "
-            "to shard them)",
-            len(unnamed),
-            shown,
-        )
+        for part in parts
+    )
+
+
+def _warn_unnamed(unnamed: list[tuple[str, tuple[int, ...]]]) -> None:
+    """One warning naming the weight matrices that no logical names shard, and the ways to."""
+    if not unnamed:
+        return
+    paths = [path for path, _ in unnamed]
+    shown = ", ".join(paths[:8]) + (f" and {len(paths) - 8} more" if len(paths) > 8 else "")
+    path, shape = unnamed[0]
+    axes = (None,) * (len(shape) - 2) + ("embed", "mlp")  # a conv kernel: its last two
+    example = f"config.param_axes = ((r'{re.escape(path)}', {axes!r}),)"
+    logging.warning(
+        "%d weight matrices have no logical axis names and are replicated on every device: "
+        "%s. Shard them without editing the model by path pattern, e.g. %s with "
+        "config.rules mapping those names to mesh axes (('embed', 'fsdp'), ('mlp', "
+        "'tensor')); or name them in the model (nnx.with_partitioning, or "
+        "kernel_metadata={'out_sharding': ...}); or replicate them on purpose with "
+        "(pattern, None)",
+        len(paths),
+        shown,
+        example,
+    )
 
 
 def create_state(layout: StateLayout, seed: int) -> TrainState:

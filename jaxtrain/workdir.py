@@ -33,6 +33,7 @@ CHANGEABLE = (
     "logging",
     "mesh",
     "rules",
+    "param_axes",
     "microbatches",
     "precision",
     "data.prefetch",

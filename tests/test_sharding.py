@@ -2,6 +2,7 @@
 
 import jax
 import pytest
+from conftest import load_config
 from jax.sharding import PartitionSpec as P
 
 from jaxtrain import data, sharding
@@ -70,3 +71,16 @@ def test_batch_split_follows_rules():
         example, mesh, rules, {"x": ("activation_batch", "activation_length", None)}
     )
     assert named["x"].spec == P(("data", "fsdp"), "tensor", None)
+
+
+def test_rules_carry_the_config_param_axes():
+    config = load_config("gpt_pysource", "smoke")
+    config.param_axes = [[r".*/kernel", ["embed", None]]]  # as config.json holds them
+    _, rules = sharding.mesh_and_rules(config)
+    assert rules.param_axes.patterns == (".*/kernel",)
+    assert rules.param_axes.values == (("embed", None),)
+    # A copy keeps them, unless it is given its own.
+    assert sharding.Rules(rules).param_axes == rules.param_axes
+    assert not sharding.Rules(rules, param_axes=()).param_axes
+    with pytest.raises(ConfigError, match=r"config.param_axes\[0\] names logical axis 'heads'"):
+        sharding.Rules(RULES, param_axes=((".*", ("heads",)),))

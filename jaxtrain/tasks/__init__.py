@@ -39,7 +39,8 @@ class Task:
     Attributes:
       model: `rngs -> nnx.Module`, building the model. Weights name their logical axes
         (`nnx.with_partitioning`, or `kernel_metadata={"out_sharding": (...)}`) for the
-        config's rules to shard them; a parameter with none is replicated, with a warning.
+        config's rules to shard them; a parameter with none takes them from the first
+        `config.param_axes` pattern matching its path, or else is replicated, with a warning.
       loss: `loss(model, batch, rngs) -> (loss, metrics)`: the scalar loss to minimise
         and a dict of scalar metrics, both means over the batch. `model` is in train mode
         (`nnx.view(model, deterministic=False, use_running_average=False)`); `rngs` is an
