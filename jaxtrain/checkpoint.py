@@ -94,12 +94,14 @@ def latest_compatible_step(
       The step, or None when there is none to resume from.
 
     Raises:
-      ConfigError: the checkpoint's model variables (params, model_state) differ in
+      ConfigError: `workdir/checkpoints` is not a directory (a file, a dangling link),
+        the checkpoint's model variables (params, model_state) differ in
         structure or shape, or every step is damaged (throwing away the run's progress
         must be asked for).
       StorageError: a step could not be read for the environment's sake.
     """
     directory = checkpoint_dir(workdir)
+    _check_directory(directory)
     step = newest_whole_step(directory, warn=True)
     if step is None:
         found = steps(directory)
@@ -132,6 +134,19 @@ def latest_compatible_step(
                 f"{problem}; use another --workdir or the config it was trained with"
             )
     return step
+
+
+def _check_directory(directory: str) -> None:
+    """Refuses, before the run writes anything, a checkpoints path that cannot be one."""
+    if os.path.islink(directory) and not os.path.exists(directory):
+        raise ConfigError(
+            f"{directory!r} is a symbolic link to {os.readlink(directory)!r}, which does not "
+            "exist: create that directory, or remove the link"
+        )
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ConfigError(
+            f"{directory!r} exists and is not a directory: move it away, or use another --workdir"
+        )
 
 
 def saved_config(workdir: str, step: int) -> dict:

@@ -410,3 +410,17 @@ def test_every_json_item_is_vetted_against_its_digest(three_steps, tmp_path):
     assert integrity.damage(step_dir) is None
     _edit_json(f"{step_dir}/metrics/metrics", lambda v: {**v, "loss": 2.5})  # a better "best"
     assert "item 'metrics' does not match its digest" in integrity.damage(step_dir)
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "file"])
+def test_a_checkpoints_path_that_cannot_be_one_is_refused_before_writing(kind, data_dir, tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    if kind == "file":
+        (workdir / "checkpoints").write_text("not a directory")
+    else:
+        (workdir / "checkpoints").symlink_to(tmp_path / "nowhere")
+    message = "does not exist" if kind == "dangling link" else "exists and is not a directory"
+    with pytest.raises(ConfigError, match=message):
+        train_and_evaluate(gpt_smoke_config(data_dir, 1), str(workdir))
+    assert not (workdir / "config.json").exists() and not (tmp_path / "nowhere").exists()
