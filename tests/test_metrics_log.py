@@ -10,9 +10,11 @@ import json
 import logging
 import math
 import os
+import re
 import resource
 import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -84,7 +86,7 @@ DAMAGE = {
     "a line that is not UTF-8": lambda lines: lines[:2] + [b"\xff\xfe{\x00\x81\n"] + lines[2:],
     "a line that is JSON but not an object": lambda lines: lines[:2] + [b"[1, 2]\n"] + lines[2:],
     "a record whose step is a string": lambda lines: (
-        lines[:2] + [lines[2].replace(b'"step": 2', b'"step": "2"')] + lines[3:]
+        lines[:2] + [re.sub(rb'"step": (\d+)', rb'"step": "\1"', lines[2], count=1)] + lines[3:]
     ),
     "garbage bytes in the middle of a line": lambda lines: (
         lines[:3] + [lines[3][:20] + b"\x00\x00garbage" + lines[3][30:]] + lines[4:]
@@ -278,18 +280,22 @@ def test_a_run_resumes_over_a_damaged_log(kind, data_dir, tmp_path, caplog):
     train_and_evaluate(gpt_smoke_config(data_dir, steps=4, checkpoint_every_steps=2), run)
     path = os.path.join(run, "metrics.jsonl")
     whole = _lines(run)
+    damaged = DAMAGE[kind](list(whole))
     with open(path, "wb") as f:
-        f.write(b"".join(DAMAGE[kind](list(whole))))
+        f.write(b"".join(damaged))
+    # The records the damage left whole (a last line missing its newline is one of them).
+    kept = [line for line in whole if line in damaged or line.rstrip(b"\n") in damaged]
     with caplog.at_level(logging.WARNING):
         train_and_evaluate(gpt_smoke_config(data_dir, steps=6, checkpoint_every_steps=2), run)
     after = _lines(run)
-    assert after[: len(whole)] == whole  # the checkpoint is step 4: every record kept
-    assert [(_strict(x)["step"], _strict(x)["split"]) for x in after[len(whole) :]] == [
+    assert after[: len(kept)] == kept  # the checkpoint is step 4: every whole record kept
+    assert [(_strict(x)["step"], _strict(x)["split"]) for x in after[len(kept) :]] == [
         (5, "train"),
         (6, "train"),
         (6, "eval"),
     ]
-    assert sorted(read_metrics(run)) == [1, 2, 3, 4, 5, 6]
+    kept_train = [_strict(x)["step"] for x in kept if _strict(x)["split"] == "train"]
+    assert sorted(read_metrics(run)) == [*kept_train, 5, 6]
     warned = [r for r in caplog.records if "not metric records" in r.getMessage()]
     assert len(warned) == (kind != "a last line missing its newline")
 
@@ -321,37 +327,54 @@ def _snapshot(root) -> dict[str, bytes]:
     return found
 
 
-def _killed_after_a_checkpoint(workdir, data_dir):
-    """A real run killed with SIGKILL a few steps after its step-3 checkpoint committed."""
+EVERY_5 = "--config.checkpoint_every_steps=5"
+
+
+def _killed_after_a_checkpoint(workdir, data_dir) -> int:
+    """A real run killed with SIGKILL 10 steps or more after a checkpoint of step 50 or later (one
+    every 5 steps); returns the newest whole checkpoint's step."""
     proc = subprocess.Popen(
-        _train(workdir, data_dir, 5000, "--config.checkpoint_every_steps=3"),
+        _train(workdir, data_dir, 5000, EVERY_5),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
+    checkpoints = str(workdir / "checkpoints")
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
-            committed = (workdir / "checkpoints" / "3" / integrity.COMMIT_MARKER).exists()
-            if committed and max(read_metrics(workdir), default=0) >= 40:
-                break
+            if os.path.isdir(checkpoints):
+                step = integrity.newest_whole_step(checkpoints)
+                if step is not None and step >= 50 and max(read_metrics(workdir)) >= step + 10:
+                    break
             time.sleep(0.05)
     finally:
         proc.kill()
         proc.wait()
-    assert max(read_metrics(workdir)) >= 40, "the run did not get far enough"
+    step = integrity.newest_whole_step(checkpoints)
+    assert step is not None and max(read_metrics(workdir)) > step, "the run did not get far enough"
+    # A save the kill cut short: the rerun's start removes it (freeing room); done here, so
+    # what is compared before and after is only what the rerun must keep.
+    for name in os.listdir(checkpoints):
+        if "tmp" in name:
+            shutil.rmtree(os.path.join(checkpoints, name))
+    return step
 
 
 def _fill(disk, leave_pages):
-    """Fills the tmpfs, then frees `leave_pages` pages of 4 KiB."""
-    filler = disk / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 65536)
-                f.flush()
-        except OSError:
-            pass
-    os.truncate(filler, max(0, os.path.getsize(filler) - leave_pages * 4096))
+    """Fills the tmpfs to its last byte, then frees `leave_pages` pages of 4 KiB."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)
+    try:
+        for size in (1 << 20, 4096, 1):
+            try:
+                while True:
+                    os.write(fd, b"\0" * size)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
+    stat = os.statvfs(disk)
+    assert stat.f_bavail == 0
+    os.truncate(disk / "filler", os.path.getsize(disk / "filler") - leave_pages * 4096)
 
 
 @pytest.mark.slow
@@ -359,19 +382,22 @@ def _fill(disk, leave_pages):
     "room, named",
     [
         ("none", "config.json"),  # the first write that needs a new page
-        ("enough for config.json", "metrics.jsonl"),  # the log's rewrite, past checkpoint 3
+        ("enough for config.json", "metrics.jsonl"),  # the log's rewrite, past the checkpoint
     ],
 )
 def test_a_full_disk_at_resume_is_one_line_exit_74_and_changes_nothing(
     room, named, data_dir, small_disk
 ):
     run = small_disk / "run"
-    _killed_after_a_checkpoint(run, data_dir)
+    resumed = _killed_after_a_checkpoint(run, data_dir)
     before = _snapshot(run)
     pages = 0 if room == "none" else -(-len(before["config.json"]) // 4096) + 1
-    assert len(before["metrics.jsonl"]) > (pages + 1) * 4096  # its rewrite cannot fit
+    kept = [x for x in _lines(run) if _strict(x)["step"] <= resumed]
+    assert len(b"".join(kept)) > (pages + 1) * 4096  # the log's rewrite cannot fit
     _fill(small_disk, pages)
-    proc = subprocess.run(_train(run, data_dir, 5000), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        _train(run, data_dir, 5000, EVERY_5), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == EXIT_IO, proc.stderr[-3000:]
     errors = [x for x in proc.stderr.splitlines() if x.startswith("jaxtrain: error:")]
     assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -384,20 +410,27 @@ def test_a_full_disk_at_resume_is_one_line_exit_74_and_changes_nothing(
         assert name == workdir.LOCK_FILE or after[name] == contents, name
     # Room again: the same command resumes and logs each step once.
     os.remove(small_disk / "filler")
-    proc = subprocess.run(_train(run, data_dir, 45), capture_output=True, text=True, timeout=300)
+    last = resumed + 3
+    proc = subprocess.run(
+        _train(run, data_dir, last, EVERY_5), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(read_metrics(run)) == list(range(1, 46))
+    assert sorted(read_metrics(run)) == list(range(1, last + 1))
 
 
 @pytest.mark.slow
 def test_ulimit_f_at_resume_and_mid_run_is_one_line_exit_74_and_loses_nothing(data_dir, tmp_path):
     run = tmp_path / "run"
-    _killed_after_a_checkpoint(run, data_dir)
+    resumed = _killed_after_a_checkpoint(run, data_dir)
     before = _snapshot(run)
-    limit = len(before["metrics.jsonl"]) // 1024 - 1  # KiB: config.json fits, the log not
+    kept = b"".join(x for x in _lines(run) if _strict(x)["step"] <= resumed)
+    limit = len(kept) // 1024 - 1  # KiB: config.json fits, the log's rewrite does not
     assert limit * 1024 > len(before["config.json"])
     proc = subprocess.run(
-        _train(run, data_dir, 5000, ulimit_kib=limit), capture_output=True, text=True, timeout=300
+        _train(run, data_dir, 5000, EVERY_5, ulimit_kib=limit),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == EXIT_IO, proc.stderr[-3000:]  # not killed by SIGXFSZ
     [error] = [x for x in proc.stderr.splitlines() if x.startswith("jaxtrain: error:")]
@@ -407,24 +440,34 @@ def test_ulimit_f_at_resume_and_mid_run_is_one_line_exit_74_and_loses_nothing(da
     after = _snapshot(run)
     assert all(after[k] == v for k, v in before.items() if k != workdir.LOCK_FILE)
 
-    # Mid-run: the log grows past the limit while training; the run stops at that line.
+    # Mid-run: the log grows past the limit while training (before any checkpoint, whose
+    # files would pass it first); the run stops at that line.
     shutil.rmtree(run)
     proc = subprocess.run(
-        _train(run, data_dir, 5000, "--config.checkpoint_every_steps=10", ulimit_kib=8),
+        _train(run, data_dir, 5000, "--config.checkpoint_every_steps=100000", ulimit_kib=8),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == EXIT_IO, proc.stderr[-3000:]
     [error] = [x for x in proc.stderr.splitlines() if x.startswith("jaxtrain: error:")]
-    assert "File too large" in error and str(run) in error, error
+    # Whichever passes the limit first: the log or the event file (hparams are one big event).
+    assert error.endswith(": File too large") and (
+        f"metrics to {str(run / 'metrics.jsonl')!r}" in error
+        or f"TensorBoard events to {str(run / 'tensorboard')!r}"[:-1] in error
+    ), error
+    [events] = os.listdir(run / "tensorboard")
+    data, pos = (run / "tensorboard" / events).read_bytes(), 0
+    while pos < len(data):  # whole frames to the last byte: no half event
+        pos += 12 + struct.unpack("<Q", data[pos : pos + 8])[0] + 4
+    assert pos == len(data)
     assert "Traceback" not in proc.stderr
     logged = _lines(run)
     assert all(line.endswith(b"\n") and _strict(line) for line in logged)  # no half line
-    # Without the limit the same command resumes from its last checkpoint; each step once.
+    # Without the limit the same command starts again (no checkpoint yet); each step once.
     last = len(logged) + 5
     proc = subprocess.run(
-        _train(run, data_dir, last, "--config.checkpoint_every_steps=10"),
+        _train(run, data_dir, last, "--config.checkpoint_every_steps=100000"),
         capture_output=True,
         text=True,
         timeout=300,
