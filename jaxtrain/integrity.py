@@ -150,20 +150,19 @@ def item_mismatch(items: dict, saved: dict) -> str | None:
     return None
 
 
-def _item_damage(step_dir: str) -> str | None:
-    """Each JSON item the checksums item has a digest of, read back and compared."""
-    saved = _read_json(step_dir, CHECKSUMS_ITEM, "metadata")
+def _read_item(step_dir: str, name: str):
+    return _read_json(step_dir, *_ITEM_FILES.get(name, (name, "metadata")))
+
+
+def _item_damage(step_dir: str, items: dict) -> str | None:
+    """The JSON items the checksums item has a digest of, compared with it; `items` holds
+    those already read ({name: value}), the others are read here."""
+    saved = items[CHECKSUMS_ITEM]
     if not isinstance(saved, dict):
         return f"{CHECKSUMS_ITEM}/metadata is not a JSON object"
-    for key in saved:
-        if not key.startswith(ITEM_DIGEST_PREFIX):
-            continue
-        name = key[len(ITEM_DIGEST_PREFIX) :]
-        parts = _ITEM_FILES.get(name, (name, "metadata"))
-        problem = item_mismatch({name: _read_json(step_dir, *parts)}, saved)
-        if problem:
-            return problem
-    return None
+    digested = [k[len(ITEM_DIGEST_PREFIX) :] for k in saved if k.startswith(ITEM_DIGEST_PREFIX)]
+    read = {name: items[name] if name in items else _read_item(step_dir, name) for name in digested}
+    return item_mismatch(read, saved)
 
 
 def damage(step_dir: str) -> str | None:
@@ -182,11 +181,11 @@ def damage(step_dir: str) -> str | None:
         return f"no commit marker ({COMMIT_MARKER}): the save never finished"
     try:
         _read_json(step_dir, "_CHECKPOINT_METADATA")
-        for item in ("data", "config", CHECKSUMS_ITEM):
-            _read_json(step_dir, item, "metadata")
+        names = ["data", "config", CHECKSUMS_ITEM]
         if os.path.exists(os.path.join(step_dir, "metrics")):
-            _read_json(step_dir, "metrics", "metrics")
-        problem = _item_damage(step_dir)
+            names.append("metrics")
+        items = {name: _read_item(step_dir, name) for name in names}  # each must parse
+        problem = _item_damage(step_dir, items)
         if problem:
             return problem
         if _read_json(step_dir, "state", "_METADATA").get("use_ocdbt", True):
