@@ -28,6 +28,7 @@ from jaxtrain import (
     hardware,
     hlo,
     metrics,
+    metrics_jsonl,
     nonfinite,
     optim,
     precision,
@@ -269,16 +270,12 @@ def _eval_was_abandoned(workdir: str, step: int) -> bool:
     abandoned = False
     if jax.process_index() == 0:
         try:
-            with open(os.path.join(workdir, "metrics.jsonl"), "rb") as f:
-                for line in f:
-                    try:
-                        record = json.loads(line)
-                        if record["step"] == step and record["split"] in ("eval", "eval_abandoned"):
-                            abandoned = record["split"] == "eval_abandoned"
-                    except (ValueError, KeyError, TypeError):
-                        continue  # a damaged line is not this one's business
+            records = metrics_jsonl.read_records(os.path.join(workdir, "metrics.jsonl"))
         except OSError:
-            abandoned = False  # no log to read: nothing known to be missing
+            records = []  # no log to read: nothing known to be missing
+        for record in records:  # the step's last evaluation record decides
+            if record["step"] == step and record["split"] in ("eval", "eval_abandoned"):
+                abandoned = record["split"] == "eval_abandoned"
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -375,9 +372,7 @@ def evaluate(
 
 
 def _eval_batch_count(examples, config) -> int:
-    """How many global batches `data.eval_batches` makes of `examples` (same formula)."""
-    num_batches = math.ceil(len(examples) / config.global_batch_size)
-    return min(num_batches, config.eval_steps) if config.eval_steps > 0 else num_batches
+    return data.eval_batch_count(len(examples), config.global_batch_size, config.eval_steps)
 
 
 class StepReporter:

@@ -531,6 +531,12 @@ class TrainIterator:
         return batch
 
 
+def eval_batch_count(num_examples: int, global_batch_size: int, max_batches: int) -> int:
+    """How many global batches `eval_batches` makes of `num_examples` examples."""
+    num_batches = math.ceil(num_examples / global_batch_size)
+    return min(num_batches, max_batches) if max_batches > 0 else num_batches
+
+
 def eval_batches(
     examples: grain.MapDataset,
     *,
@@ -547,9 +553,7 @@ def eval_batches(
     mask 0 (real rows 1).
     """
     total = len(examples)
-    num_batches = math.ceil(total / global_batch_size)
-    if max_batches > 0:
-        num_batches = min(num_batches, max_batches)
+    num_batches = eval_batch_count(total, global_batch_size, max_batches)
     slots = num_batches * global_batch_size
     if slots < total:
         indices = (np.arange(slots) * total) // slots  # evenly spaced, distinct
