@@ -23,7 +23,7 @@ from absl import logging
 from etils import epath
 from jax.experimental import multihost_utils
 
-from jaxtrain.config import is_int, require
+from jaxtrain.checks import is_int, require
 from jaxtrain.errors import ConfigError, StorageError
 from jaxtrain.integrity import (
     CHECKSUMS_ITEM,

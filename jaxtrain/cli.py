@@ -395,7 +395,7 @@ def _eval_flags(flags, flag_values):
 
 def _eval(flag_values, rest) -> int:
     from jaxtrain import metrics, runs
-    from jaxtrain.config import check_eval_steps
+    from jaxtrain.checks import check_eval_steps
 
     if flag_values.eval_steps is not None:  # before the run loads: nothing else to wait for
         check_eval_steps(flag_values.eval_steps, "--eval_steps")

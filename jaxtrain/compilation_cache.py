@@ -12,7 +12,7 @@ import os
 import jax
 from absl import logging
 
-from jaxtrain.config import is_number, require
+from jaxtrain.checks import is_number, require
 
 
 def default_dir() -> str:

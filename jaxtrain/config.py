@@ -6,11 +6,13 @@ config = load_config("path/to/my_config.py:arg")    # or a file
 
 import importlib.resources
 import importlib.util
-import math
 import os
 
 import ml_collections
 
+# The shared checks live below every module (jaxtrain.checks); importing them here also
+# keeps `jaxtrain.config.require` and friends working for tasks written before.
+from jaxtrain.checks import MAX_STEPS, check_eval_steps, is_int, is_number, require  # noqa: F401
 from jaxtrain.errors import ConfigError
 
 # Fields that count something and must be positive.
@@ -147,41 +149,6 @@ def _missing_part(config, dotted: str) -> str | None:
     return None
 
 
-# The step counter is an int32 on device.
-MAX_STEPS = 2**31 - 1
-
-
-# The checks below, shared by every module's `check_config`: one wording for every field.
-
-
-def require(ok: bool, field: str, value, what: str) -> None:
-    """Raises `ConfigError("config.FIELD must be WHAT, got VALUE")` unless `ok`."""
-    if not ok:
-        raise ConfigError(f"config.{field} must be {what}, got {value!r}")
-
-
-def is_int(value) -> bool:
-    """An int, not a bool (True is an int to Python, never a count to a config)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_number(value) -> bool:
-    """A finite int or float, not a bool."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def check_eval_steps(value, field: str = "config.eval_steps") -> None:
-    """Eval batches per evaluation: a positive integer, or -1 for the whole split.
-
-    Raises:
-      ConfigError: anything else (0 or -5 would otherwise read as "all" unnoticed).
-    """
-    if not (is_int(value) and (value == -1 or value >= 1)):
-        raise ConfigError(
-            f"{field} must be a positive integer or -1 (all of the split), got {value!r}"
-        )
-
-
 def validate(config) -> None:
     """Checks a run config's values before anything is built or written.
 
@@ -196,6 +163,7 @@ def validate(config) -> None:
         compilation_cache,
         energy,
         nonfinite,
+        optim,
         precision,
         profiling,
         sharding,
@@ -237,22 +205,7 @@ def validate(config) -> None:
         config.data.read_threads,
         "an integer >= 0",
     )
-    o = config.optim
-    for key, ok, what in (
-        ("lr", is_number(o.lr) and o.lr >= 0, "a finite number >= 0"),
-        ("min_lr_ratio", is_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
-        (
-            "warmup_steps",
-            is_int(o.warmup_steps) and 0 <= o.warmup_steps <= MAX_STEPS,
-            f"an integer >= 0 and at most {MAX_STEPS} (steps are int32)",
-        ),
-        ("b1", is_number(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
-        ("b2", is_number(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
-        ("eps", is_number(o.eps) and o.eps > 0, "a positive number"),
-        ("weight_decay", is_number(o.weight_decay) and o.weight_decay >= 0, "a number >= 0"),
-        ("grad_clip_norm", is_number(o.grad_clip_norm) and o.grad_clip_norm > 0, "positive"),
-    ):
-        require(ok, f"optim.{key}", o[key], what)
+    optim.check_config(config.optim)
     sharding.Rules(config.rules, param_axes=config.param_axes)  # rules and param_axes
     precision.check_config(config.precision)
     checkpoint.check_config(config.checkpoint)

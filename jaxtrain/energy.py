@@ -24,7 +24,7 @@ import jax
 from absl import logging
 
 from jaxtrain import files, hardware, metrics
-from jaxtrain.config import is_number, require
+from jaxtrain.checks import is_number, require
 
 ENERGY_FILE = "energy.json"
 

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from jaxtrain import metrics
-from jaxtrain.config import is_int, require
+from jaxtrain.checks import is_int, require
 from jaxtrain.errors import EXIT_NONFINITE, ConfigError  # noqa: F401 (re-exported)
 from jaxtrain.sharding import path_str
 

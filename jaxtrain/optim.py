@@ -3,6 +3,31 @@
 import jax
 import optax
 
+from jaxtrain.checks import MAX_STEPS, is_int, is_number, require
+
+
+def check_config(o) -> None:
+    """Checks `config.optim`.
+
+    Raises:
+      ConfigError: the first bad field, named.
+    """
+    for key, ok, what in (
+        ("lr", is_number(o.lr) and o.lr >= 0, "a finite number >= 0"),
+        ("min_lr_ratio", is_number(o.min_lr_ratio) and 0 <= o.min_lr_ratio <= 1, "in [0, 1]"),
+        (
+            "warmup_steps",
+            is_int(o.warmup_steps) and 0 <= o.warmup_steps <= MAX_STEPS,
+            f"an integer >= 0 and at most {MAX_STEPS} (steps are int32)",
+        ),
+        ("b1", is_number(o.b1) and 0 <= o.b1 < 1, "in [0, 1)"),
+        ("b2", is_number(o.b2) and 0 <= o.b2 < 1, "in [0, 1)"),
+        ("eps", is_number(o.eps) and o.eps > 0, "a positive number"),
+        ("weight_decay", is_number(o.weight_decay) and o.weight_decay >= 0, "a number >= 0"),
+        ("grad_clip_norm", is_number(o.grad_clip_norm) and o.grad_clip_norm > 0, "positive"),
+    ):
+        require(ok, f"optim.{key}", o[key], what)
+
 
 def make_schedule(optim_config, num_train_steps: int) -> optax.Schedule:
     """Linear warmup from 0 to `lr`, then cosine decay to `lr * min_lr_ratio`."""

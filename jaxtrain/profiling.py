@@ -17,7 +17,7 @@ import os
 import jax
 
 from jaxtrain import metrics
-from jaxtrain.config import is_int, require
+from jaxtrain.checks import is_int, require
 
 PROFILE_SUBDIR = "profile"
 

@@ -20,8 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxtrain import checkpoint, data, integrity, optim, sharding, steps
-from jaxtrain import config as config_lib
+from jaxtrain import checkpoint, checks, data, integrity, optim, sharding, steps
 from jaxtrain import state as state_lib
 from jaxtrain import tasks as tasks_lib
 from jaxtrain.errors import ConfigError, StorageError
@@ -287,7 +286,7 @@ def evaluate_run(run: Run, split: str | None = None, eval_steps: int | None = No
         config.data.eval_split = split
         task = tasks_lib.from_config(config)  # its eval data reads the new split
     if eval_steps is not None:
-        config_lib.check_eval_steps(eval_steps, "eval_steps")
+        checks.check_eval_steps(eval_steps, "eval_steps")
         config.eval_steps = eval_steps
     if task.eval_data is None:
         raise ConfigError(f"task {task.name!r} has no eval data")

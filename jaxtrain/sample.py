@@ -21,7 +21,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxtrain import sharding, steps
-from jaxtrain.config import is_int, is_number
+from jaxtrain.checks import is_int, is_number
 from jaxtrain.errors import ConfigError
 from jaxtrain.state import StateLayout
 from jaxtrain.tasks.lm import DOCUMENT_SEPARATOR

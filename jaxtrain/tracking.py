@@ -20,7 +20,7 @@ import string
 from absl import logging
 
 from jaxtrain import files
-from jaxtrain.config import require
+from jaxtrain.checks import require
 from jaxtrain.errors import ConfigError
 
 # Where a run directory keeps the id of its W&B run, so a rerun (resume) continues it.

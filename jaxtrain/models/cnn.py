@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtrain.config import is_int, is_number
+from jaxtrain.checks import is_int, is_number
 from jaxtrain.sharding import constrain
 
 

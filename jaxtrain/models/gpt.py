@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxtrain.config import is_int, is_number
+from jaxtrain.checks import is_int, is_number
 from jaxtrain.models.attention import causal_attention
 from jaxtrain.sharding import constrain
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from jaxtrain import data, models, precision
-from jaxtrain.config import is_int, require
+from jaxtrain.checks import is_int, require
 from jaxtrain.data import synthetic
 from jaxtrain.errors import ConfigError
 from jaxtrain.tasks import Task

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 
 from jaxtrain import data, models, precision
-from jaxtrain.config import is_int, require
+from jaxtrain.checks import is_int, require
 from jaxtrain.data import synthetic
 from jaxtrain.errors import ConfigError
 from jaxtrain.models import gpt
