@@ -310,21 +310,32 @@ def _shardings(abstract_tree):
 
 
 def make_eval_step(eval_fn: Callable, layout: StateLayout):
-    """Returns `eval_step(params, model_state, batch, mask) -> sums`.
+    """Returns `eval_step(params, model_state, batch, mask, batch_index) -> sums`.
 
     Args:
       eval_fn: `eval_metrics(model, batch, rngs) -> {name: per-example values}` (see
         `jaxtrain.Task.eval_metrics`), run with the model in eval mode.
       layout: the state's layout.
 
+    `batch_index` is the batch's place in the evaluation (0, 1, ...: `enumerate` over
+    `jaxtrain.data.eval_batches`), the same on every process. It is folded into the keys
+    the eval function draws from, the loss's `rngs` and every RNG stream the model holds,
+    so each batch draws its own noise (row i of every batch would otherwise draw the same)
+    and every evaluation of the same batches draws the same.
+
     Sums are `{name: {"sum": ..., "count": ...}}` over the entries whose example has mask
     1 (padding never counts). Added up over an evaluation's batches on device (`add`)
     and fetched once, `eval_means` turns them into exact means.
     """
 
-    def eval_step(params, model_state, batch, mask):
+    def eval_step(params, model_state, batch, mask, batch_index):
         model = set_mode(layout.merge(params, model_state), train=False)
-        values = eval_fn(model, batch, nnx.Rngs(EVAL_SEED))
+        key = jax.random.fold_in(jax.random.key(EVAL_SEED), batch_index)
+        # The model's own streams (a VAE's noise) are part of the state, the same for
+        # every batch: each batch folds its index into them too.
+        streams = nnx.state(model, nnx.RngKey)
+        nnx.update(model, jax.tree.map(lambda k: jax.random.fold_in(k, batch_index), streams))
+        values = eval_fn(model, batch, nnx.Rngs(key))
         sums = {}
         for name, value in values.items():
             value = jnp.asarray(value, jnp.float32)
@@ -350,10 +361,17 @@ def jit_eval_step(eval_step, layout: StateLayout, abstract_batch):
     batch_shardings = _shardings(abstract_batch)
     mask_sharding = example_sharding(batch_shardings)
     state = layout.shardings
+    replicated = NamedSharding(layout.mesh, PartitionSpec())
     return jax.jit(
         eval_step,
-        in_shardings=(state.params, state.model_state, batch_shardings, mask_sharding),
-        out_shardings=NamedSharding(layout.mesh, PartitionSpec()),
+        in_shardings=(
+            state.params,
+            state.model_state,
+            batch_shardings,
+            mask_sharding,
+            replicated,
+        ),
+        out_shardings=replicated,
     )
 
 

@@ -358,6 +358,7 @@ def evaluate(
             state.model_state,
             data.to_global(local, batch_shardings),
             data.to_global(mask, mask_sharding),
+            np.int32(done),
         )
         totals = steps.add(totals, sums)
         if stop is not None:

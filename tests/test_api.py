@@ -395,6 +395,7 @@ def test_a_loop_of_your_own_from_the_pieces(tmp_path):
             state.model_state,
             data.to_global(local, shardings),
             data.to_global(mask, data.example_sharding(shardings)),
+            0,
         )
         assert float(sums["loss"]["count"]) == 16
 

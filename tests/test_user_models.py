@@ -84,7 +84,7 @@ def test_a_variable_made_in_call_is_refused_before_anything_is_written(tmp_path)
     evaluation = jax.jit(jaxtrain.make_eval_step(jaxtrain.per_example(squared_error), layout))
     state = jaxtrain.create_state(layout, seed=0)
     batch = jax.tree.map(jnp.asarray, examples(8))
-    sums = evaluation(state.params, state.model_state, batch, jnp.ones(8))
+    sums = evaluation(state.params, state.model_state, batch, jnp.ones(8), 0)
     assert float(sums["loss"]["count"]) == 8
 
 
@@ -193,8 +193,48 @@ def _evaluate_on(mesh_shape):
             state.model_state,
             data.to_global(local, shardings),
             data.to_global(mask, data.example_sharding(shardings)),
+            0,
         )
     return jaxtrain.steps.eval_means(jax.device_get(sums))
+
+
+def test_each_evaluation_batch_draws_its_own_noise():
+    # Identical examples in two batches: row i of batch 1 must not draw row i of batch 0's
+    # noise (the loss's rngs and the model's own stream), and an evaluation repeats.
+    mesh = jaxtrain.make_mesh({"data": 8})
+    rules = jaxtrain.Rules(RULES)
+    layout = jaxtrain.make_state_layout(Noisy, optax.sgd(0.1), mesh, rules)
+    examples = data.as_dataset(identical(32))
+    example = data.example_spec(examples)
+    shardings = data.batch_shardings(example, mesh, rules)
+    with jax.set_mesh(mesh):
+        state = jaxtrain.create_state(layout, seed=0)
+        eval_step = jaxtrain.jit_eval_step(
+            jaxtrain.make_eval_step(jaxtrain.per_example(noisy_loss), layout),
+            layout,
+            data.abstract_batch(example, 16, shardings),
+        )
+
+        def sums_of(index, local, mask):
+            sums = eval_step(
+                state.params,
+                state.model_state,
+                data.to_global(local, shardings),
+                data.to_global(mask, data.example_sharding(shardings)),
+                index,
+            )
+            return {name: float(t["sum"]) for name, t in jax.device_get(sums).items()}
+
+        batches = list(
+            data.eval_batches(
+                examples, global_batch_size=16, max_batches=-1, shard_index=0, shard_count=1
+            )
+        )
+        assert len(batches) == 2
+        first, second = (sums_of(i, *batch) for i, batch in enumerate(batches))
+        assert first == sums_of(0, *batches[0])  # the same keys every evaluation
+    for name in ("loss", "loss_noise"):
+        assert abs(first[name] - second[name]) > 1e-3, (name, first, second)
 
 
 def test_noisy_evaluation_is_the_same_on_two_meshes():

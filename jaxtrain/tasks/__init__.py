@@ -104,7 +104,8 @@ def per_example(loss: LossFn) -> EvalFn:
     real ones. Each example draws its own randomness: the loss's `rngs` and every RNG
     stream the model holds (an `nnx.Rngs` in its state, as a VAE's reparameterisation
     noise) are split over the batch (`nnx.split_rngs`), so example `i` of the global
-    batch gets the `i`-th key whatever the mesh, and every evaluation the same keys.
+    batch gets the `i`-th key of its batch's keys (the eval step folds the batch's index
+    into them) whatever the mesh, and every evaluation the same keys.
     Activation sharding constraints are off inside (a batch of one does not split),
     which costs nothing in eval mode.
     """
