@@ -87,7 +87,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         weight_decay=0.1,
         grad_clip_norm=1.0,
     )
-    c.optim.adamw.update(b2=0.95, eps=1e-8)
+    c.optim.adamw.update(b2=0.95, eps=1e-8)  # AdamW as Llama pretraining set it
 
     if arg == "smoke":  # the same architecture, tiny: trains a few steps on CPU in seconds
         c.num_train_steps = 4
