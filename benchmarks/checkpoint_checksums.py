@@ -44,7 +44,9 @@ def main(spec: str, repeats: int, settings: list[str]):
     config.checkpoint.async_save = False
     task = tasks.from_config(config)
     mesh, rules = sharding.mesh_and_rules(config, jax.devices()[:1])
-    tx, _ = optim.optimizer_and_schedule(config, task.optimizer)
+    tx, _ = optim.optimizer_and_schedule(
+        config, task.optimizer, model=task.model, trainable=task.trainable
+    )
     layout = state.make_state_layout(task.model, tx, mesh, rules)
     with jax.set_mesh(mesh):
         train_state = state.create_state(layout, 0)

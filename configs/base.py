@@ -53,15 +53,75 @@ def get_config() -> ml_collections.ConfigDict:
         read_threads=16,  # grain threads reading batches ahead (0: read by the prefetch)
     )
     c.model = dict()  # the model's fields, read by the task (see the bundled configs)
-    c.optim = dict(  # AdamW with warmup and cosine decay, global-norm clipping
-        lr=1e-3,  # peak learning rate, after warmup
-        min_lr_ratio=0.1,  # cosine decays to lr * min_lr_ratio
-        warmup_steps=0,  # linear warmup from 0 to lr
-        b1=0.9,  # AdamW's first-moment decay
-        b2=0.999,  # AdamW's second-moment decay
-        eps=1e-8,  # AdamW's denominator epsilon
+    # The optimizer and its learning-rate schedule, by name (README "Optimizers and
+    # schedules"). Shared fields are flat; each optimizer's own fields are in the sub-dict
+    # named after it, and only the chosen one's may differ from these defaults.
+    c.optim = dict(
+        # adamw, lamb, lion, adafactor, sgd, muon, schedule_free_adamw or ademamix
+        name="adamw",
+        lr=1e-3,  # peak learning rate, after warmup (before lr_scaling)
+        # warmup_cosine, linear (decay to lr * min_lr_ratio), constant, rsqrt (lr *
+        # sqrt(warmup_steps / step) after warmup), or wsd (warmup, stable, decay at the end)
+        schedule="warmup_cosine",
+        warmup_steps=0,  # every schedule warms up linearly from 0 to lr over these steps
+        min_lr_ratio=0.1,  # warmup_cosine, linear and wsd decay to lr * min_lr_ratio
+        wsd_decay_fraction=0.2,  # wsd: the last fraction of num_train_steps that decays
+        wsd_decay_shape="linear",  # wsd: how it decays: "linear", "cosine" or "sqrt"
+        # Peak lr for the batch size: "none"; "linear": lr * global_batch_size /
+        # reference_batch_size; "sqrt": lr * sqrt(that ratio). The scaled lr is the
+        # schedule's peak and what is logged.
+        lr_scaling="none",
+        reference_batch_size=256,  # the global batch size `lr` was tuned at, for lr_scaling
         weight_decay=0.0,  # decoupled weight decay, on matrices and kernels only
         grad_clip_norm=1.0,  # clip the gradients' global norm to this
+    )
+    c.optim.adamw = dict(  # optim.name="adamw"
+        b1=0.9,  # first-moment decay
+        b2=0.999,  # second-moment decay
+        eps=1e-8,  # denominator epsilon
+    )
+    c.optim.lamb = dict(  # optim.name="lamb": AdamW's moments, a layer-wise trust ratio
+        b1=0.9,  # first-moment decay
+        b2=0.999,  # second-moment decay
+        eps=1e-6,  # denominator epsilon
+    )
+    c.optim.lion = dict(  # optim.name="lion": signs of interpolated momentum
+        b1=0.9,  # how much momentum the update's sign takes
+        b2=0.99,  # momentum decay
+    )
+    c.optim.adafactor = dict(  # optim.name="adafactor": factored second moments
+        decay_rate=0.8,  # second-moment decay exponent: 1 - step**-decay_rate
+        min_dim_size_to_factor=128,  # factor matrices whose two largest dims are this big
+        clipping_threshold=1.0,  # clip each update's RMS to this; 0 = off
+        multiply_by_parameter_scale=True,  # scale updates by each weight's RMS
+        eps=1e-30,  # added to squared gradients
+    )
+    c.optim.sgd = dict(  # optim.name="sgd"; weight_decay is L2, through the momentum
+        momentum=0.9,  # momentum decay; 0 = plain SGD
+        nesterov=False,  # Nesterov's momentum
+    )
+    c.optim.muon = dict(  # optim.name="muon": Muon on weight matrices, Adam on the rest
+        beta=0.95,  # momentum decay
+        ns_steps=5,  # Newton-Schulz iterations orthogonalising each update
+        nesterov=True,  # Nesterov momentum (Muon's and its Adam's)
+        adam_b1=0.9,  # the Adam fallback's first-moment decay (embedding, head, vectors)
+        adam_b2=0.999,  # the Adam fallback's second-moment decay
+        eps=1e-8,  # epsilon of the orthogonalisation and of the Adam fallback
+    )
+    # optim.name="schedule_free_adamw" (needs optim.schedule="constant"); evaluation uses
+    # its averaged weights.
+    c.optim.schedule_free_adamw = dict(
+        b1=0.9,  # interpolation between the averaged and the current weights
+        b2=0.999,  # second-moment decay
+        eps=1e-8,  # denominator epsilon
+        weight_lr_power=2.0,  # each step's weight in the average: lr ** weight_lr_power
+    )
+    c.optim.ademamix = dict(  # optim.name="ademamix": AdamW plus a slow gradient EMA
+        b1=0.9,  # fast first-moment decay
+        b2=0.999,  # second-moment decay
+        b3=0.9999,  # slow first-moment decay
+        alpha=5.0,  # the slow EMA's weight in the update
+        eps=1e-8,  # denominator epsilon
     )
     # A step whose loss or gradients are not finite never updates the state. Then:
     # "abort" stops with a report (step, loss, first bad gradient) and the batch saved in

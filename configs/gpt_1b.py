@@ -84,11 +84,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         lr=5e-4,  # peak learning rate
         min_lr_ratio=0.1,  # cosine decay to 5e-5
         warmup_steps=2_000,
-        b2=0.95,
-        eps=1e-8,
         weight_decay=0.1,
         grad_clip_norm=1.0,
     )
+    c.optim.adamw.update(b2=0.95, eps=1e-8)  # AdamW as Llama pretraining set it
 
     if arg == "smoke":  # the same architecture, tiny: trains a few steps on CPU in seconds
         c.num_train_steps = 4

@@ -66,7 +66,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         scan_layers=False,  # stack the blocks' weights and scan: compile time flat in depth
         remat="none",  # recompute in backward: "none", "full" or "save_dots"
     )
-    c.optim.update(lr=3e-3, warmup_steps=50, b2=0.95, weight_decay=0.1)
+    c.optim.update(lr=3e-3, warmup_steps=50, weight_decay=0.1)
+    c.optim.adamw.b2 = 0.95  # a shorter second-moment memory, as GPT recipes use
 
     if arg == "smoke":  # a few steps in seconds, for tests and quick checks
         c.num_train_steps = 4

@@ -43,3 +43,33 @@ def check_eval_steps(value, field: str = "config.eval_steps") -> None:
         raise ConfigError(
             f"{field} must be a positive integer or -1 (all of the split), got {value!r}"
         )
+
+
+def check_unused_optimizer_fields(o, reference, source: str) -> None:
+    """Refuses a field of an optimizer other than `o.name` that differs from `reference`.
+
+    Such a field would look as if it applied. A config file is checked against
+    configs/base.py's defaults; a command line's overrides against the config file (whose
+    own optimizer's fields, such as the GPT configs' adamw.b2, stay as they are when an
+    override picks another optimizer).
+
+    Args:
+      o: `config.optim`.
+      reference: the `config.optim` whose values count as unchanged.
+      source: who changed it, for the message ("config file 'x.py'", "--config overrides").
+
+    Raises:
+      ConfigError: the first such field.
+    """
+    # Every sub-dict of config.optim is an optimizer's fields (jaxtrain.optim.OPTIMIZERS);
+    # here, below jax, so that the command line checks its overrides before importing it.
+    for name in [k for k, v in o.items() if hasattr(v, "items")]:
+        if name == o.get("name") or name not in reference:
+            continue
+        for key in o[name]:
+            if key in reference[name] and o[name][key] != reference[name][key]:
+                raise ConfigError(
+                    f"{source}: config.optim.{name}.{key} does not apply: optim.name is "
+                    f"{o.get('name')!r} (set optim.name={name!r}, or leave it at "
+                    f"{reference[name][key]!r})"
+                )

@@ -157,6 +157,7 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
     except ConfigError as e:
         return _error(e)
     args = [a for a in args if a != f"--config={spec}"]
+    file_optim = base.optim.to_dict()  # before the overrides change `base` in place
 
     from absl import flags
     from ml_collections import config_flags
@@ -212,6 +213,10 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
     except Exception as e:  # absl flag errors, unknown config keys, bad values
         return _error(_diagnose(args, e, base))
     try:
+        from jaxtrain.checks import check_unused_optimizer_fields
+
+        # An override of an optimizer's field that another optimizer's name makes moot.
+        check_unused_optimizer_fields(flag_values.config.optim, file_optim, "--config overrides")
         return _train(flag_values) if command == "train" else _plan(flag_values)
     except ConfigError as e:
         return _error(e)

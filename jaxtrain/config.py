@@ -87,6 +87,11 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
         reason = " ".join(f"{type(e).__name__}: {e}".split())[:400]
         raise ConfigError(f"config file {name!r} failed to load: {reason}") from e
     check_fields(config, name)
+    from jaxtrain.checks import check_unused_optimizer_fields
+    from jaxtrain.configs import base
+
+    # A field of an optimizer the file does not choose would look as if it applied.
+    check_unused_optimizer_fields(config.optim, base.get_config().optim, f"config file {name!r}")
     return config
 
 

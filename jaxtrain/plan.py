@@ -81,7 +81,9 @@ def make_plan(
     if source == "tpu-aot":
         devices = physical_order(devices, config.mesh)
     mesh, rules = sharding.mesh_and_rules(config, devices)
-    tx, _ = optim.optimizer_and_schedule(config, task.optimizer)
+    tx, _ = optim.optimizer_and_schedule(
+        config, task.optimizer, model=task.model, trainable=task.trainable
+    )
     layout = state_lib.make_state_layout(task.model, tx, mesh, rules, trainable=task.trainable)
     example = task.example or data.example_spec(data.as_dataset(task.data))
     batch = data.abstract_batch(

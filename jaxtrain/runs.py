@@ -124,7 +124,9 @@ def load_run(
         device_mesh = sharding.make_mesh(config.mesh, devices)
     except ConfigError as e:
         raise ConfigError(f"{e}; load it onto another mesh (--mesh=data=-1)") from e
-    tx, _ = optim.optimizer_and_schedule(config, task.optimizer)
+    tx, _ = optim.optimizer_and_schedule(
+        config, task.optimizer, model=task.model, trainable=task.trainable
+    )
     # config.param_axes: a run written before the field existed has none.
     rules = sharding.Rules(config.rules, param_axes=config.get("param_axes", ()))
     layout = state_lib.make_state_layout(

@@ -106,8 +106,9 @@ def make_state_layout(
     shards too), else none: replicated. A parameter of two or more dimensions left
     without names gets one warning naming all such (an unsharded matrix defeats FSDP and
     tensor parallelism); vectors and scalars (biases, norm scales) are small and
-    replicated silently. Optimizer moments take their parameter's sharding; counters are
-    replicated.
+    replicated silently. Optimizer moments take their parameter's sharding (factored
+    ones its sharding less the factored dimension, see `_moment_sharding`); counters
+    are replicated.
 
     Args:
       model: `rngs -> nnx.Module`. Its `rngs` serves any stream name.
@@ -168,11 +169,14 @@ def make_state_layout(
     )
     opt_shardings = optax.tree_map_params(
         tx,
-        lambda _, s: s,
+        _moment_sharding,
         shapes.opt_state,
         param_shardings,
+        shapes.params,
         transform_non_params=lambda _: replicated,
-        is_leaf=lambda x: isinstance(x, NamedSharding),
+        # A MaskedNode holds the place of a parameter another part of the optimizer
+        # updates (Muon's Adam fallback): it has no array, so nothing to lay out.
+        is_leaf=lambda x: isinstance(x, NamedSharding | jax.ShapeDtypeStruct | optax.MaskedNode),
     )
     shardings = TrainState(
         step=replicated,
@@ -193,6 +197,31 @@ def make_state_layout(
         math.prod(x.shape) for x in jax.tree.leaves(nnx.state(abstract_model, nnx.Param))
     )
     return StateLayout(graphdef, tx, trainable, abstract_state, shardings, init, num_parameters)
+
+
+def _moment_sharding(moment, param_sharding: NamedSharding, param) -> NamedSharding:
+    """The sharding of an optimizer state leaf that stands in its parameter's place.
+
+    Most are the parameter's shape (Adam's moments, momentum, Muon's): its sharding.
+    Factored moments (Adafactor's row and column statistics) are its shape less one
+    dimension: its spec less that dimension's entry, so they stay sharded as the rows or
+    columns they summarise (the first such dimension when several would fit; any is
+    valid, since the kept dimensions' mesh axes divide them as they divide the
+    parameter). Any other shape (Adafactor's (1,) placeholders for the statistics a
+    parameter does not keep) is replicated: it is not laid out along the parameter.
+    """
+    if isinstance(moment, optax.MaskedNode):
+        return moment
+    shape, spec = tuple(moment.shape), tuple(param_sharding.spec)
+    spec += (None,) * (len(param.shape) - len(spec))
+    if shape == tuple(param.shape):
+        return param_sharding
+    if len(shape) == len(param.shape) - 1:
+        for dim in range(len(param.shape)):
+            if shape == tuple(param.shape[:dim] + param.shape[dim + 1 :]):
+                kept = spec[:dim] + spec[dim + 1 :]
+                return NamedSharding(param_sharding.mesh, PartitionSpec(*kept))
+    return NamedSharding(param_sharding.mesh, PartitionSpec())
 
 
 def _variable_shardings(parts: tuple[nnx.State, ...], mesh: Mesh, rules: Rules) -> tuple:

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
+from jaxtrain import optim
 from jaxtrain.data.pipeline import example_sharding
 from jaxtrain.errors import ConfigError
 from jaxtrain.precision import LossScale
@@ -113,7 +114,6 @@ def make_train_step(
     layout: StateLayout,
     *,
     microbatches: int = 1,
-    schedule: optax.Schedule | None = None,
     loss_scale: LossScale | None = None,
 ):
     """Returns `train_step(state, batch) -> (state, metrics)`, pure and jittable.
@@ -124,13 +124,14 @@ def make_train_step(
       microbatches: split the batch into this many equal parts whose gradients are
         accumulated (float32) in a scan before one update: the same update as the whole
         batch at once, with the activation memory of one part.
-      schedule: the learning-rate schedule, to report `lr`; None: not reported.
       loss_scale: dynamic loss scaling (float16 compute; `jaxtrain.precision.loss_scale`):
         the loss is scaled by `state.loss_scale["scale"]` before the backward pass and
         the gradients unscaled after it. A step whose scaled gradients overflow is
         skipped, with `overflow` set, and the scale halves. None: no scaling.
 
-    Metrics are the loss's (averaged over microbatches), `grad_norm`, `lr`,
+    Metrics are the loss's (averaged over microbatches), `grad_norm`, `lr` (the learning
+    rate the optimizer's state says its last applied update used, `optim.learning_rate`;
+    none for an optimizer that keeps no `inject_hyperparams` learning rate),
     `skipped_steps`, with loss scaling `loss_scale` (after the step) and
     `loss_scale_overflows`, and for the host: `finite`, `overflow`, `nonfinite_in_update`
     and `first_nonfinite_leaf` (index into `jax.tree.leaves(params)`: of the gradients,
@@ -241,8 +242,9 @@ def make_train_step(
             "nonfinite_in_update": ~state_finite,
             "first_nonfinite_leaf": jnp.where(applied, -1, bad_leaf),
         }
-        if schedule is not None:
-            metrics["lr"] = schedule(state.step)
+        lr = optim.learning_rate(new_state.opt_state)  # what ran, not what a schedule says
+        if lr is not None:
+            metrics["lr"] = lr
         if loss_scale is not None:
             metrics["loss_scale"] = new_loss_scale["scale"]
             metrics["loss_scale_overflows"] = new_loss_scale["overflows"]

@@ -75,7 +75,9 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
         mesh, rules = sharding.mesh_and_rules(config, devices)
 
         # --- Model and optimizer: the train state's shapes and shardings, no memory yet ---
-        tx, schedule = optim.optimizer_and_schedule(config, task.optimizer)
+        tx, _ = optim.optimizer_and_schedule(
+            config, task.optimizer, model=task.model, trainable=task.trainable
+        )
         loss_scale = precision.loss_scale(config.precision, device=mesh.devices.flat[0])
         layout = state_lib.make_state_layout(
             task.model, tx, mesh, rules, trainable=task.trainable, loss_scale=loss_scale
@@ -99,7 +101,6 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
                 task.loss,
                 layout,
                 microbatches=config.microbatches,
-                schedule=schedule,
                 loss_scale=loss_scale,
             ),
             layout,
@@ -116,6 +117,11 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             restart_if_all_damaged=config.checkpoint.restart_if_all_damaged,
         )
         config_dict = json.loads(config.to_json_best_effort())
+        # Only what applies is recorded (and compared on resume): the chosen optimizer's
+        # fields, and whether a task's own optimizer ran instead of optim.name's.
+        config_dict["optim"] = optim.recorded_config(
+            config_dict["optim"], task_optimizer=task.optimizer is not None
+        )
         if resume_step is not None:
             workdir_lib.check_resume_config(
                 checkpoint.saved_config(workdir, resume_step),

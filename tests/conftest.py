@@ -136,7 +136,9 @@ def build(config, mesh_config=None, devices=None):
         config.mesh = mesh_config
     task = tasks.from_config(config)
     mesh, rules = sharding.mesh_and_rules(config, devices)
-    tx, _ = optim.optimizer_and_schedule(config, task.optimizer)
+    tx, _ = optim.optimizer_and_schedule(
+        config, task.optimizer, model=task.model, trainable=task.trainable
+    )
     layout = state.make_state_layout(task.model, tx, mesh, rules, trainable=task.trainable)
     example = task.example
     batch = data.abstract_batch(

@@ -154,8 +154,8 @@ BAD_CONFIG_FILES = {
     ),
     "lacks_one_field": (
         "from jaxtrain.configs import base\n\ndef get_config(arg=None):\n"
-        "    c = base.get_config()\n    del c.optim['b2']\n    return c\n",
-        "the config has no field 'optim.b2': start from jaxtrain.configs.base",
+        "    c = base.get_config()\n    del c.optim.adamw['b2']\n    return c\n",
+        "the config has no field 'optim.adamw.b2': start from jaxtrain.configs.base",
     ),
 }
 
