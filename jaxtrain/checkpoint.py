@@ -372,6 +372,14 @@ class Checkpointer:
                 continue
             self._set_aside_all(failed)
             return restored["state"], restored["data"]
+        if all("tree structures do not match" in p for _, p in failed):
+            # Not damage: the run's state has another structure than what was saved.
+            raise ConfigError(
+                f"the checkpoints in {self.directory!r} hold a train state of another "
+                "structure than this run's (another model, trainable set or optimizer, or "
+                "one saved by a jaxtrain before 2026-12-08, whose optimizer state had no "
+                "injected learning rate): use another --workdir"
+            )
         if not self._restart_if_all_damaged:
             raise ConfigError(
                 f"no checkpoint in {self.directory!r} restores ("

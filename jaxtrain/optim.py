@@ -415,7 +415,9 @@ def state_bytes_per_parameter(layout) -> float:
     return total / layout.num_parameters
 
 
-def optimizer_and_schedule(config, custom=None, *, model=None, trainable=nnx.Param):
+def optimizer_and_schedule(
+    config, custom=None, *, model=None, trainable=nnx.Param, schedule: optax.Schedule | None = None
+):
     """The optimizer of a run and its learning-rate schedule.
 
     Args:
@@ -425,11 +427,13 @@ def optimizer_and_schedule(config, custom=None, *, model=None, trainable=nnx.Par
       model: the task's `rngs -> nnx.Module`, whose logical axes tell Muon which weights
         are matrices and how (`muon_dimensions`); needed for `optim.name='muon'` only.
       trainable: the variables the optimizer updates (the task's `trainable`).
+      schedule: a schedule to use instead of the config's (`jaxtrain.lr_find`'s range).
 
     Returns:
       (optimizer, schedule).
     """
-    schedule = make_schedule(config.optim, config.num_train_steps, config.global_batch_size)
+    if schedule is None:
+        schedule = make_schedule(config.optim, config.num_train_steps, config.global_batch_size)
     if custom:
         return custom(schedule), schedule
     axes = None

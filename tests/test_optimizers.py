@@ -358,3 +358,19 @@ def test_lion_resumes_bitwise_after_kill_9(data_dir, tmp_path):
         assert all(_strip(got[s]) == _strip(want[s]) for s in want), split
     jax.tree.map(np.testing.assert_array_equal, _params(killed, 16), _params(reference, 16))
     assert jnp.all(jnp.isfinite(jnp.asarray(read_metrics(killed)[16]["lr"])))
+
+
+def test_a_checkpoint_of_another_optimizer_is_refused_by_name_not_set_aside(data_dir, tmp_path):
+    # Resuming an adamw run with lion (config changes allowed): the saved optimizer state
+    # has another structure. That is a one-line error saying so, not "damaged" steps.
+    workdir = tmp_path / "run"
+    train_and_evaluate(gpt_smoke_config(data_dir, steps=2), str(workdir))
+    steps_before = sorted(os.listdir(workdir / "checkpoints"))
+    config = gpt_smoke_config(
+        data_dir, steps=4, optim__name="lion", checkpoint__allow_config_changes=True
+    )
+    with pytest.raises(ConfigError) as error:
+        train_and_evaluate(config, str(workdir))
+    assert "hold a train state of another structure" in str(error.value)
+    assert "\n" not in str(error.value)
+    assert sorted(os.listdir(workdir / "checkpoints")) == steps_before  # none set aside
