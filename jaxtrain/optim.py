@@ -3,6 +3,7 @@
 import jax
 import optax
 
+from jaxtrain import weights
 from jaxtrain.checks import MAX_STEPS, is_int, is_number, require
 
 
@@ -27,6 +28,7 @@ def check_config(o) -> None:
         ("grad_clip_norm", is_number(o.grad_clip_norm) and o.grad_clip_norm > 0, "positive"),
     ):
         require(ok, f"optim.{key}", o[key], what)
+    weights.check_config(o)
 
 
 def make_schedule(optim_config, num_train_steps: int) -> optax.Schedule:
@@ -81,4 +83,5 @@ def optimizer_and_schedule(config, custom=None):
     """
     schedule = make_schedule(config.optim, config.num_train_steps)
     tx = custom(schedule) if custom else make_optimizer(config.optim, schedule)
+    tx = weights.optimizer(tx, config.optim)  # the weight EMA, if config.optim asks for one
     return tx, schedule
