@@ -62,10 +62,10 @@ def get_config() -> ml_collections.ConfigDict:
         eps=1e-8,  # AdamW's denominator epsilon
         weight_decay=0.0,  # decoupled weight decay, on matrices and kernels only
         grad_clip_norm=1.0,  # clip the gradients' global norm to this
-        # Exponential moving average of the weights, kept in the optimizer state, evaluated
-        # beside the raw weights (metrics "ema_*") and served by sample, eval and export.
-        ema_decay=0.0,  # in [0, 1); 0: off; the average spans about 1 / (1 - decay) steps
-        ema_warmup=False,  # decay min(ema_decay, (1 + t) / (10 + t)) at update t
+        # Moving average of the weights (jaxtrain.weights), in the optimizer state: evaluated
+        # beside them (metrics "ema_*"), what sample and export use.
+        ema_decay=0.0,  # 0: off; else < 1, the average spans about 1 / (1 - ema_decay) steps
+        ema_warmup=False,  # decay by min(ema_decay, (1 + t) / (10 + t)) at update t
     )
     # A step whose loss or gradients are not finite never updates the state. Then:
     # "abort" stops with a report (step, loss, first bad gradient) and the batch saved in
