@@ -142,7 +142,7 @@ def evaluation_weights(opt_state, params) -> dict[str, Any]:
 
 
 def _like(tree, params):
-    return jax.tree.map(lambda x, p: x.astype(p.dtype), tree, params)
+    return jax.tree.map(lambda x, p: x if x.dtype == p.dtype else x.astype(p.dtype), tree, params)
 
 
 def choose(sets: dict[str, Any], which: str | None) -> dict[str, Any]:

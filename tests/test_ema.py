@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 import pytest
 from conftest import build, gpt_smoke_config, load_config, read_metrics, train_gpt_smoke
 from flax import nnx
@@ -183,6 +184,11 @@ def test_both_weight_sets_are_evaluated_and_training_is_unchanged(ema_run, plain
         assert {"loss", "accuracy", "ema_loss", "ema_accuracy", "ema_perplexity"} <= set(record)
         assert record["ema_loss"] != record["loss"]  # the average lags the weights
     assert result["ema_loss"] == evals[6]["ema_loss"]
+    # checkpoint.best_metric="ema_loss" ranks the saved steps by the EMA's loss.
+    with ocp.CheckpointManager(
+        os.path.join(workdir, "checkpoints"), options=ocp.CheckpointManagerOptions(read_only=True)
+    ) as manager:
+        assert manager.metadata(6).metrics["ema_loss"] == evals[6]["ema_loss"]
     # The EMA changes nothing of the training: the same weights and losses bitwise, and
     # the same metrics under the same names.
     plain_dir, plain_state, _ = plain_run
