@@ -74,6 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
         reference_batch_size=256,  # the global batch size `lr` was tuned at, for lr_scaling
         weight_decay=0.0,  # decoupled weight decay, on matrices and kernels only
         grad_clip_norm=1.0,  # clip the gradients' global norm to this
+        # Moving average of the weights (jaxtrain.weights), in the optimizer state: evaluated
+        # beside them (metrics "ema_*"), what sample and export use.
+        ema_decay=0.0,  # 0: off; else < 1, the average spans about 1 / (1 - ema_decay) steps
+        ema_warmup=False,  # decay by min(ema_decay, (1 + t) / (10 + t)) at update t
     )
     c.optim.adamw = dict(  # optim.name="adamw"
         b1=0.9,  # first-moment decay

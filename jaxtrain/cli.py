@@ -39,10 +39,12 @@ USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.
        jaxtrain plan --config=FILE.py[:ARG] --topology=NAME [--json] [--config.KEY=VALUE ...]
        jaxtrain sample --workdir=DIR [--prompt=TEXT] [--max_new_tokens=N] [--temperature=T]
                        [--top_k=K] [--seed=S] [--step=N] [--mesh=AXIS=SIZE,...]
+                       [--weights=ema|raw]
        jaxtrain eval --workdir=DIR [--split=NAME] [--step=N] [--eval_steps=N] [--mesh=...]
+                     [--weights=ema|raw]
        jaxtrain plot DIR [DIR ...] --out=FILE.png [--metric=NAME]
        jaxtrain export --workdir=DIR --out=FILE [--step=N] [--input_key=KEY]
-                       [--platforms=cpu,cuda,tpu] [--mesh=...]
+                       [--platforms=cpu,cuda,tpu] [--mesh=...] [--weights=ema|raw]
 
 commands:
   train   train and evaluate; rerunning with the same --workdir resumes from its checkpoint
@@ -331,6 +333,14 @@ def _run_flags(flags, flag_values):
         "Mesh axis sizes replacing the run's config.mesh, e.g. data=-1 or fsdp=4,tensor=2.",
         flag_values=flag_values,
     )
+    flags.DEFINE_enum(
+        "weights",
+        None,
+        ["ema", "raw"],
+        "ema: the weights' moving average (config.optim.ema_decay); raw: the trained weights. "
+        "Default: sample and export use ema when the run keeps one, eval evaluates both.",
+        flag_values=flag_values,
+    )
 
 
 def _mesh(value: str | None) -> dict[str, int] | None:
@@ -349,6 +359,11 @@ def _load(flag_values):
     from jaxtrain.runs import load_run
 
     return load_run(flag_values.workdir, flag_values.step, mesh=_mesh(flag_values.mesh))
+
+
+def _load_weights(flag_values):
+    """The run with the weights --weights names as its params (default: its EMA, if any)."""
+    return _load(flag_values).with_weights(flag_values.weights)
 
 
 def _sample_flags(flags, flag_values):
@@ -370,7 +385,7 @@ def _sample(flag_values, rest) -> int:
     from jaxtrain import sample
 
     text = sample.sample_text(
-        _load(flag_values),
+        _load_weights(flag_values),
         flag_values.prompt,
         max_new_tokens=flag_values.max_new_tokens,
         temperature=flag_values.temperature,
@@ -406,7 +421,9 @@ def _eval(flag_values, rest) -> int:
         check_eval_steps(flag_values.eval_steps, "--eval_steps")
     run = _load(flag_values)
     split = runs.eval_split_name(run, flag_values.split)
-    result = runs.evaluate_run(run, flag_values.split, flag_values.eval_steps)
+    result = runs.evaluate_run(
+        run, flag_values.split, flag_values.eval_steps, weights=flag_values.weights
+    )
     record = metrics.append(flag_values.workdir, run.step, f"eval:{split}", result)
     print(metrics.format_record(record))
     return 0
@@ -446,7 +463,7 @@ def _export(flag_values, rest) -> int:
 
     # Checked before the run is loaded: a bad name costs nothing and writes nothing.
     platforms = export.check_platforms(flag_values.platforms or None)
-    run = _load(flag_values)
+    run = _load_weights(flag_values)
     exported = export.export_inference(run, input_key=flag_values.input_key, platforms=platforms)
     size = export.save(exported, flag_values.out)
     print(

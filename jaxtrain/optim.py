@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from jaxtrain import weights
 from jaxtrain.checks import MAX_STEPS, is_int, is_number, require
 from jaxtrain.errors import ConfigError
 from jaxtrain.paths import path_str
@@ -155,6 +156,7 @@ def check_config(o) -> None:
         raise ConfigError(f"the config has no field 'optim.{o.name}': start from base")
     for key, ok, what in _FIELD_CHECKS[o.name]:
         require(ok(o[o.name][key]), f"optim.{o.name}.{key}", o[o.name][key], what)
+    weights.check_config(o)
 
 
 def peak_lr(optim_config, global_batch_size: int | None = None) -> float:
@@ -435,8 +437,11 @@ def optimizer_and_schedule(
     if schedule is None:
         schedule = make_schedule(config.optim, config.num_train_steps, config.global_batch_size)
     if custom:
-        return custom(schedule), schedule
-    axes = None
-    if config.optim.get("name") == "muon" and model is not None:
-        axes = logical_axes(model, trainable)
-    return make_optimizer(config.optim, schedule, axes=axes), schedule
+        tx = custom(schedule)
+    else:
+        axes = None
+        if config.optim.get("name") == "muon" and model is not None:
+            axes = logical_axes(model, trainable)
+        tx = make_optimizer(config.optim, schedule, axes=axes)
+    tx = weights.optimizer(tx, config.optim)  # the weight EMA, if config.optim asks for one
+    return tx, schedule

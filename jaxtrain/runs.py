@@ -20,7 +20,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxtrain import checkpoint, checks, data, integrity, optim, sharding, steps
+from jaxtrain import checkpoint, checks, data, integrity, optim, sharding, steps, weights
 from jaxtrain import state as state_lib
 from jaxtrain import tasks as tasks_lib
 from jaxtrain.errors import ConfigError, StorageError
@@ -59,6 +59,24 @@ class Run(NamedTuple):
         """The trained NNX model in eval mode (dropout off, BatchNorm statistics used)."""
         model = self.layout.merge(self.state.params, self.state.model_state)
         return steps.set_mode(model, train=False)
+
+    def with_weights(self, which: str | None = None) -> "Run":
+        """This run with `state.params` replaced by one of its weight sets, for what reads
+        them (`model()`, `jaxtrain.sample`, `jaxtrain.export`; `jaxtrain.evaluate`
+        evaluates every set of a state itself).
+
+        Args:
+          which: "ema": the weights' moving average (`config.optim.ema_decay`); "raw":
+            the weights training produced (a schedule-free optimizer's evaluation
+            parameters, `jaxtrain.weights.evaluation_weights`); None: "ema" when the run
+            keeps one, else "raw" (what `jaxtrain sample` and `export` use).
+
+        Raises:
+          ConfigError: an unknown name, or "ema" for a run that keeps no EMA.
+        """
+        sets = weights.evaluation_weights(self.state.opt_state, self.state.params)
+        [params] = weights.choose(sets, which or weights.default(sets)).values()
+        return self._replace(state=self.state.replace(params=params))
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
@@ -264,7 +282,9 @@ def eval_split_name(run: Run, split: str | None = None) -> str:
     return split or run.config.data.eval_split
 
 
-def evaluate_run(run: Run, split: str | None = None, eval_steps: int | None = None) -> dict:
+def evaluate_run(
+    run: Run, split: str | None = None, eval_steps: int | None = None, weights: str | None = None
+) -> dict:
     """The task's eval metrics for the run's checkpoint, as training's evaluation gives them.
 
     Args:
@@ -273,14 +293,18 @@ def evaluate_run(run: Run, split: str | None = None, eval_steps: int | None = No
         to it); None: the task's eval data.
       eval_steps: how many global batches to evaluate, spread over the split (-1: all of
         it); None: `config.eval_steps`, as during training.
+      weights: "raw" or "ema": that weight set only (`Run.with_weights`); None: each set
+        the run has, named as in training ("loss", and "ema_loss" for the EMA's).
 
     Returns:
       {metric: value}, means over the evaluated examples.
 
     Raises:
       ConfigError: no eval data, an unknown split, a batch the mesh does not split,
-        `eval_steps` neither positive nor -1.
+        `eval_steps` neither positive nor -1, `weights` a set the run does not have.
     """
+    if weights is not None:  # before any data is read
+        run.with_weights(weights)
     config = copy.deepcopy(run.config)
     task = run.task
     if split is not None:
@@ -302,4 +326,6 @@ def evaluate_run(run: Run, split: str | None = None, eval_steps: int | None = No
         eval_step = steps.jit_eval_step(
             steps.make_eval_step(task.evaluation(), run.layout), run.layout, abstract_batch
         )
-        return evaluate(eval_step, run.state, examples, batch_shardings, task, config)
+        return evaluate(
+            eval_step, run.state, examples, batch_shardings, task, config, weights=weights
+        )

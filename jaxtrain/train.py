@@ -39,6 +39,7 @@ from jaxtrain import (
 from jaxtrain import config as config_lib
 from jaxtrain import state as state_lib
 from jaxtrain import tasks as tasks_lib
+from jaxtrain import weights as weights_lib
 from jaxtrain import workdir as workdir_lib
 from jaxtrain.preemption import EvalAbandoned, StopWatcher
 
@@ -198,7 +199,7 @@ def train_and_evaluate(config, workdir: str, *, task=None, devices=None):
             return evaluate(eval_step, state, eval_data, batch_shardings, task, config, stop=stop)
 
         evaluate_state.num_batches = (
-            None if eval_data is None else _eval_batch_count(eval_data, config)
+            None if eval_data is None else _eval_batch_count(eval_data, config, layout)
         )
 
         if eval_data is not None and _eval_was_abandoned(workdir, start_step):
@@ -323,19 +324,25 @@ def _report_nonfinite_eval(step: int, eval_metrics: dict) -> None:
 
 
 def evaluate(
-    eval_step, state, examples, batch_shardings, task, config, *, stop=None
+    eval_step, state, examples, batch_shardings, task, config, *, stop=None, weights=None
 ) -> dict[str, float]:
-    """The task's eval metrics over `examples` (or `config.eval_steps` batches of them).
+    """The task's eval metrics over `examples` (or `config.eval_steps` batches of them), for
+    each weight set of `state` (`jaxtrain.weights.evaluation_weights`).
+
+    The trained weights' metrics keep the task's names ("loss"; a schedule-free optimizer's
+    are of its evaluation parameters); those of the weights' moving average, when the run
+    keeps one, are prefixed: "ema_loss".
 
     Args:
       eval_step: the compiled eval step (`jaxtrain.jit_eval_step`).
       state: the TrainState to evaluate.
       examples: the eval split (a grain MapDataset, `jaxtrain.data.as_dataset`).
       batch_shardings: the batch's shardings (`jaxtrain.data.batch_shardings`).
-      task: the Task (its `summarize_eval`, if any, finishes the result).
+      task: the Task (its `summarize_eval`, if any, finishes each set's result).
       config: the run's config (`global_batch_size`, `eval_steps`).
       stop: a `jaxtrain.preemption.StopWatcher` (the loop's), asked before each batch;
         None: the evaluation always runs to its end.
+      weights: "raw" or "ema": that weight set only; None: every set.
 
     Returns:
       {metric: mean over the evaluated examples}.
@@ -343,11 +350,31 @@ def evaluate(
     Raises:
       EvalAbandoned: `stop` asked for a stop (a signal); nothing of the batches already
         evaluated is returned. Every process abandons at the same batch.
+      ConfigError: `weights` names a set the state does not have.
     """
+    sets = weights_lib.evaluation_weights(state.opt_state, state.params)
+    sets = weights_lib.choose(sets, weights)
+    per_set = _eval_batch_count(examples, config)
+    result = {}
+    for i, (name, params) in enumerate(sets.items()):
+        done = (i * per_set, len(sets) * per_set)  # batches before this set's, of them all
+        means = _evaluate_weights(
+            eval_step, params, state.model_state, examples, batch_shardings, config, stop, done
+        )
+        means = task.summarize_eval(means) if task.summarize_eval else means
+        result.update({weights_lib.metric_name(name, k): v for k, v in means.items()})
+    return result
+
+
+def _evaluate_weights(
+    eval_step, params, model_state, examples, batch_shardings, config, stop, done
+) -> dict[str, float]:
+    """`evaluate` of one weight set; `done`: (batches evaluated before it, batches in all),
+    for the count an abandoned evaluation reports."""
     mask_sharding = data.example_sharding(batch_shardings)
-    num_batches = _eval_batch_count(examples, config)
+    before, num_batches = done
     totals = previous = None
-    for done, (local, mask) in enumerate(
+    for index, (local, mask) in enumerate(
         data.eval_batches(
             examples,
             global_batch_size=config.global_batch_size,
@@ -358,13 +385,13 @@ def evaluate(
     ):
         signal_name = stop.abandon_eval() if stop is not None else None
         if signal_name is not None:
-            raise EvalAbandoned(done, num_batches, signal_name)
+            raise EvalAbandoned(before + index, num_batches, signal_name)
         sums = eval_step(
-            state.params,
-            state.model_state,
+            params,
+            model_state,
             data.to_global(local, batch_shardings),
             data.to_global(mask, mask_sharding),
-            np.int32(done),
+            np.int32(index),
         )
         totals = steps.add(totals, sums)
         if stop is not None:
@@ -374,12 +401,17 @@ def evaluate(
             if previous is not None:
                 jax.block_until_ready(previous)
             previous = totals
-    result = steps.eval_means(jax.device_get(totals))
-    return task.summarize_eval(result) if task.summarize_eval else result
+    return steps.eval_means(jax.device_get(totals))
 
 
-def _eval_batch_count(examples, config) -> int:
-    return data.eval_batch_count(len(examples), config.global_batch_size, config.eval_steps)
+def _eval_batch_count(examples, config, layout=None) -> int:
+    """Batches one weight set's evaluation reads; with `layout`, all its sets' together."""
+    count = data.eval_batch_count(len(examples), config.global_batch_size, config.eval_steps)
+    if layout is None:
+        return count
+    abstract = layout.abstract_state
+    sets = jax.eval_shape(weights_lib.evaluation_weights, abstract.opt_state, abstract.params)
+    return count * len(sets)
 
 
 class StepReporter:
