@@ -46,6 +46,7 @@ chip table, not codecarbon, which the GPU machine lacks).
 
 import argparse
 import contextlib
+import ctypes
 import datetime
 import hashlib
 import json
@@ -125,14 +126,35 @@ def _kill_group(process) -> None:
     process.wait()
 
 
-def run_child(argv: list[str], timeout: float, env: dict | None = None) -> tuple[int | None, str]:
+def _own_group_dying_with_parent(death_signal: int):
+    """For Popen's preexec_fn: a process group of its own, and `death_signal` when the
+    parent dies (Linux), so that a kill of this script leaves nothing on the device."""
+
+    def setup():
+        os.setpgrp()
+        with contextlib.suppress(Exception):
+            ctypes.CDLL(None, use_errno=True).prctl(1, death_signal, 0, 0, 0)  # PDEATHSIG
+
+    return setup
+
+
+def run_child(
+    argv: list[str], timeout: float, env: dict | None = None, death_signal=signal.SIGKILL
+) -> tuple[int | None, str]:
     """Runs `argv` in a new process group for at most `timeout` s; (status or None, output).
 
-    On timeout the whole group (the child and whatever it started) is killed.
+    On timeout the whole group (the child and whatever it started) is killed. A child
+    that starts processes of its own takes `death_signal=signal.SIGTERM` and kills its
+    group on it (`_kill_own_group_on_sigterm`): its children then die with this process.
     """
     with tempfile.TemporaryFile("w+") as log:
         process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, text=True
+            argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+            preexec_fn=_own_group_dying_with_parent(death_signal),
         )
         try:
             status = process.wait(timeout=max(timeout, 0.1))
@@ -142,6 +164,10 @@ def run_child(argv: list[str], timeout: float, env: dict | None = None) -> tuple
             _kill_group(process)  # a finished child's own children, too
         log.seek(0)
         return status, log.read()
+
+
+def _kill_own_group_on_sigterm() -> None:
+    signal.signal(signal.SIGTERM, lambda *_: os.killpg(0, signal.SIGKILL))
 
 
 def _child_result(output: str) -> dict | None:
@@ -175,9 +201,10 @@ def _installed_jaxtrain_matches_tree() -> bool | None:
     if os.path.realpath(installed) == os.path.realpath(tree):
         return True
 
-    def digest(directory):
+    def digest(directory, skip=()):
         h = hashlib.sha256()
-        for base, _, names in sorted(os.walk(directory)):
+        for base, dirs, names in sorted(os.walk(directory)):
+            dirs[:] = [d for d in dirs if os.path.join(base, d) not in skip]
             for name in sorted(n for n in names if n.endswith(".py")):
                 rel = os.path.relpath(os.path.join(base, name), directory)
                 h.update(rel.encode())
@@ -185,7 +212,10 @@ def _installed_jaxtrain_matches_tree() -> bool | None:
                     h.update(f.read())
         return h.hexdigest()
 
-    return digest(installed) == digest(tree)
+    configs = os.path.join(installed, "configs")  # setup.py installs configs/ there
+    return digest(installed, skip=(configs,)) == digest(tree) and digest(configs) == digest(
+        os.path.join(ROOT, "configs")
+    )
 
 
 def _meta(args) -> dict:
@@ -245,7 +275,7 @@ def _main(args) -> int:
             argv += [f"--fail={args.fail}"] if args.fail else []
             argv.append(f"--deadline={time.time() + budget}")
             start = time.monotonic()
-            status, output = run_child(argv, budget)
+            status, output = run_child(argv, budget, death_signal=signal.SIGTERM)
             used = time.monotonic() - start
             saved = max(budget - used, 0.0)
             entry = {"name": name, "seconds": round(used, 2), "budget_s": round(budget, 1)}
@@ -340,6 +370,7 @@ class Recorder:
 
 
 def run_part(args) -> int:
+    _kill_own_group_on_sigterm()  # sent when the parent dies: the part's processes go too
     recorder = Recorder(args.result)
     try:
         if args.fail == args.run_part:  # for tests/test_accelerator_bench.py
