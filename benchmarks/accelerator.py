@@ -66,6 +66,7 @@ ROOT = os.path.dirname(HERE)
 RESULT_FILE = "accelerator.json"
 MARK = "ACCELERATOR_RESULT "  # a child's last stdout line: MARK + its JSON result
 SCRATCH = "ACCELERATOR_SCRATCH"  # environment: where children keep caches and checkpoints
+MEMORY_LIMIT = "ACCELERATOR_MEMORY_LIMIT_BYTES"  # environment: device memory to pretend
 
 PART_NAMES = {
     1: "1B GPT: step time, MFU, memory by attention and remat",
@@ -297,6 +298,9 @@ def _main(args) -> int:
                 entry["output_tail"] = _tail(output, 30)
         record["parts"][str(part)] = entry
         _write(args.out, record)
+        fitted = results.get("best", {}).get("global_batch_size")
+        if part == 1 and fitted and fitted != args.batch:  # parts 3 and 5: what fitted
+            flags = [f"--batch={fitted}" if f.startswith("--batch=") else f for f in flags]
         print(f"part {part}: {entry['status']} in {entry['seconds']:.1f} s", flush=True)
     print(table(record))
     print(f"written: {os.path.join(args.out, RESULT_FILE)}")
@@ -437,13 +441,15 @@ def part_1b(args, rec, sizes):
             warmup=sizes["warmup"],
             steps=sizes["steps"],
             trace=os.path.join(args.out, "trace_part1.tgz") if args.trace and not index else "",
+            fit=True,
         )
         result = {"attention": attention, "remat": remat}
         result.update(measure_child(spec, _left(args)))
         rec.results["variants"].append(result)
         if "step_s" in result and (best is None or result["step_s"] < best["step_s"]):
             best = result
-            rec.results["best"] = {k: best[k] for k in ("attention", "remat", "step_s")}
+            keys = ("attention", "remat", "global_batch_size", "step_s")
+            rec.results["best"] = {k: best[k] for k in keys}
         rec.flush()
     if best is None:
         raise RuntimeError("no variant ran: " + result.get("error", result.get("skipped", "?")))
@@ -453,8 +459,8 @@ def part_main_job(args, rec, sizes):
     spec = dict(config=sizes["main"], settings=[], warmup=5, steps=sizes["main_steps"])
     result = measure_child(spec, _left(args))
     rec["measurement"] = result
-    if "error" in result:
-        raise RuntimeError(result["error"])
+    if "step_s" not in result:
+        raise RuntimeError(result.get("error") or result["skipped"])
     rec["tokens_per_s"] = result["tokens_per_s"]
     low, high = CPU_MAIN_JOB_TOKENS_PER_S
     rec["cpu_tokens_per_s"] = {"low": low, "high": high, "source": "BENCHMARKS.md CPU Training"}
@@ -471,11 +477,12 @@ def part_checkpoint(args, rec, sizes):
         warmup=sizes["warmup"],
         steps=1,
         checkpoint=dict(window=sizes["window"], repeats=sizes["repeats"]),
+        fit=True,
     )
     result = measure_child(spec, _left(args))
     rec["measurement"] = result
-    if "error" in result:
-        raise RuntimeError(result["error"])
+    if "step_s" not in result:
+        raise RuntimeError(result.get("error") or result["skipped"])
     for key in ("save_cost_s", "amortised_percent", "checkpoint_every_steps", "checkpoint_mib"):
         rec[key] = result[key]
 
@@ -675,9 +682,24 @@ def measure(spec: dict) -> dict:
     from jaxtrain import data, hardware, hlo, metrics, precision, state, steps
 
     config = load(spec["config"], [*COMMON, *spec["settings"]])
-    task, mesh, layout, step, shardings, iterator, traced_s, compile_s = _build(config)
     device = jax.devices()[0]
-    stats = hlo.compiled_stats(step)
+    limit = None
+    with contextlib.suppress(Exception):  # GPU and TPU say how much memory jax may use
+        limit = (device.memory_stats() or {}).get("bytes_limit")
+    # A smaller device, pretended (tests/test_accelerator_bench.py: CPUs report no limit).
+    limit = float(os.environ.get(MEMORY_LIMIT, 0)) or limit
+    halved_from = None
+    while True:
+        task, mesh, layout, step, shardings, iterator, traced_s, compile_s = _build(config)
+        stats = hlo.compiled_stats(step)
+        predicted = sum(stats.get(f"{k}_size_in_bytes", 0) for k in ("argument", "output"))
+        predicted += stats.get("temp_size_in_bytes", 0) - stats.get("alias_size_in_bytes", 0)
+        # Too big for the device: once, at half the sequences per step (a figure at a
+        # smaller batch beats none; `halved_from` says so).
+        if not (limit and predicted > limit and halved_from is None and spec.get("fit")):
+            break
+        halved_from = config.global_batch_size
+        config.global_batch_size //= 2
     tokens = config.global_batch_size * config.data.seq_len
     m = config.model
     result = {
@@ -690,15 +712,15 @@ def measure(spec: dict) -> dict:
         "trace_lower_s": traced_s,
         "compile_s": compile_s,
         "memory_analysis": {k: v for k, v in stats.items() if k.endswith("_in_bytes")},
+        # What the step holds at once: arguments, outputs and temporaries, less the
+        # donated state that the outputs reuse.
+        "predicted_bytes": predicted,
+        "memory_limit_bytes": limit,
+        "halved_from": halved_from,
     }
-    predicted = sum(stats.get(f"{k}_size_in_bytes", 0) for k in ("argument", "output", "temp"))
-    predicted -= stats.get("alias_size_in_bytes", 0)  # the donated state is reused
-    result["predicted_bytes"] = predicted
-    with contextlib.suppress(Exception):
-        limit = (device.memory_stats() or {}).get("bytes_limit")
-        if limit and predicted > limit:
-            result["skipped"] = f"does not fit: {predicted / 2**30:.1f} GiB > {limit / 2**30:.1f}"
-            return result
+    if limit and predicted > limit:
+        result["skipped"] = f"does not fit: {predicted / 2**30:.3g} GiB > {limit / 2**30:.3g} GiB"
+        return result
     flops, source = steps.flops_per_device_step(
         task.flops_per_example, layout, config.global_batch_size, stats
     )

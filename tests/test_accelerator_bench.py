@@ -160,3 +160,18 @@ def test_an_overrun_is_stopped_and_a_killed_command_keeps_its_parts(tmp_path):
     assert parts["1"]["status"] == "timeout" and "budget of 2 s" in parts["1"]["error"]
     assert parts["2"]["status"] == "ok"
     assert parts["2"]["results"]["tokens_per_s"] > 0 and parts["2"]["results"]["vs_cpu"]
+
+
+@pytest.mark.slow
+def test_a_step_too_big_for_the_device_is_tried_at_half_the_batch_then_skipped(tmp_path):
+    env = {**_env(), "ACCELERATOR_MEMORY_LIMIT_BYTES": "1000"}  # a device of 1,000 bytes
+    proc = subprocess.run(
+        _command(tmp_path, "--parts=1"), env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 1
+    part = _record(tmp_path)["parts"]["1"]
+    assert part["status"] == "error" and "no variant ran: does not fit" in part["error"]
+    for variant in part["results"]["variants"]:
+        assert variant["halved_from"] == 4 and variant["global_batch_size"] == 2, variant
+        assert variant["skipped"].startswith("does not fit") and "step_s" not in variant
+        assert variant["predicted_bytes"] > variant["memory_limit_bytes"] == 1000
