@@ -227,6 +227,7 @@ def _meta(args) -> dict:
         "python": platform_lib.python_version(),
         "host": platform_lib.node(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION"),
         "jaxtrain_matches_checkout": _installed_jaxtrain_matches_tree(),
     }
     with contextlib.suppress(Exception):
@@ -244,6 +245,9 @@ def _meta(args) -> dict:
 
 def main(args) -> int:
     os.makedirs(args.out, exist_ok=True)
+    # jax takes 75% of a GPU's memory by default: the 1B may use up to 92% here, in every
+    # process (the measurements and part 5's `jaxtrain train` alike).
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     with tempfile.TemporaryDirectory(prefix="accelerator-") as scratch:
         os.environ[SCRATCH] = scratch
         return _main(args)
@@ -328,7 +332,8 @@ def table(record: dict) -> str:
         results = part["results"]
         for variant in results.get("variants", []):
             lines.append(
-                f"  attention={variant.get('attention')} remat={variant.get('remat')}: "
+                f"  attention={variant.get('attention')} remat={variant.get('remat')} "
+                f"batch={variant.get('global_batch_size')}: "
                 + (
                     f"{_fmt(variant.get('step_s'), ' s/step')}, "
                     f"{_fmt(variant.get('tokens_per_s'), ' tokens/s')}, MFU "
@@ -413,8 +418,6 @@ def measure_child(spec: dict, timeout: float) -> dict:
     # jax's persistent cache, shared by the measurements of this call alone: part 1's
     # variants are different programs (each compiles cold); part 3 loads part 1's first.
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": os.path.join(_scratch(), "xla_cache")}
-    # jax takes 75% of a GPU's memory by default: the 1B variants may use up to 92%.
-    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
     status, output = run_child(argv, timeout, env)
     result = _child_result(output)
     if result is not None:
