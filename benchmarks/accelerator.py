@@ -514,17 +514,18 @@ def _resume_pair(tmp, config, env, tag):
     reference, resumed = os.path.join(tmp, f"{tag}_a"), os.path.join(tmp, f"{tag}_b")
     _run(_train_command(reference, config, steps, every, []), env)
     command = _train_command(resumed, config, steps, every, [])
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-    )
-    # Orbax renames a step's directory into place when it commits.
-    committed = os.path.join(resumed, "checkpoints", str(kill_after))
-    while not os.path.isdir(committed) and process.poll() is None:
-        time.sleep(0.005)
-    if process.poll() is not None:
-        raise RuntimeError(f"the run ended before checkpoint {kill_after}: {process.stderr.read()}")
-    process.send_signal(signal.SIGKILL)
-    process.wait()
+    # Its output to a file, not a pipe: one that nobody reads could fill and stall it.
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # Orbax renames a step's directory into place when it commits.
+        committed = os.path.join(resumed, "checkpoints", str(kill_after))
+        while not os.path.isdir(committed) and process.poll() is None:
+            time.sleep(0.005)
+        if process.poll() is not None:
+            log.seek(0)
+            raise RuntimeError(f"the run ended before checkpoint {kill_after}: {_tail(log.read())}")
+        process.send_signal(signal.SIGKILL)
+        process.wait()
     return reference, resumed, steps, "resumed at" in _run(command, env)
 
 
