@@ -644,7 +644,9 @@ def _build(config):
 
     task = tasks.from_config(config)
     mesh, rules = sharding.mesh_and_rules(config, None)
-    tx, schedule = optim.optimizer_and_schedule(config, task.optimizer)
+    tx, _ = optim.optimizer_and_schedule(
+        config, task.optimizer, model=task.model, trainable=task.trainable
+    )
     loss_scale = precision.loss_scale(config.precision, device=mesh.devices.flat[0])
     layout = state.make_state_layout(
         task.model, tx, mesh, rules, trainable=task.trainable, loss_scale=loss_scale
@@ -658,7 +660,6 @@ def _build(config):
             task.loss,
             layout,
             microbatches=config.microbatches,
-            schedule=schedule,
             loss_scale=loss_scale,
         )
         lowered = steps.trace_train_step(train_step, layout, abstract).lower()
