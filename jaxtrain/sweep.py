@@ -209,6 +209,11 @@ def check_space(params: list[dict], config, fixed: list[str]) -> None:
         if field in fixed_fields:
             raise ConfigError(f"--space: {field!r} is both swept and fixed by --config.{field}")
         current = leaves[field]
+        if param["kind"] in ("uniform", "loguniform") and not isinstance(current, float):
+            raise ConfigError(
+                f"--space {field}: a {param['kind']} range does not fit the field, a "
+                f"{type(current).__name__} ({current!r}); give int(LO,HI) or a list"
+            )
         values = param["choices"] if param["kind"] == "choice" else [param["low"], param["high"]]
         for value in values:
             if not _fits(current, value):
@@ -629,6 +634,8 @@ def _run_trial(sweep: Sweep, trial, directory: str, forward: _Forward):
         return TrialState.PRUNED, None
     if forward.signal_name is not None or status in (EXIT_IO, EXIT_PREEMPTED, EXIT_INTERRUPTED):
         # Left RUNNING: the next claim retries it, and its run resumes from its checkpoint.
+        if forward.signal_name is not None:  # the run had it too: stop as it would have
+            status = EXIT_INTERRUPTED if forward.signal_name == "SIGINT" else EXIT_PREEMPTED
         raise _Stop(status, f"trial {trial.number}'s run exited {status} (see {log_path})")
     evals = _evals(directory, sweep.metric)
     if status != 0 or not evals:
@@ -645,11 +652,12 @@ class _Stop(Exception):
         self.status = status
 
 
-def run_worker(sweep: Sweep) -> int:
-    """Runs trials until N have ended or are running elsewhere, then writes the report.
+def open_study(sweep: Sweep):
+    """The sweep's optuna study in its storage, made (with DIR) on the first worker's start.
 
-    Returns:
-      The exit status: 0, or the run's 74/75/130 that stopped this worker.
+    Raises:
+      ConfigError: the storage holds a study of another sweep.
+      StorageError: DIR cannot be made.
     """
     import optuna
 
@@ -658,8 +666,7 @@ def run_worker(sweep: Sweep) -> int:
         os.makedirs(os.path.join(sweep.workdir, "trials"), exist_ok=True)
     except OSError as e:
         raise files.storage_error("create", sweep.workdir, e) from e
-    claim_lock = os.path.join(sweep.workdir, ".sweep.lock")
-    with _flock(claim_lock):
+    with _flock(os.path.join(sweep.workdir, ".sweep.lock")):  # one worker makes it
         storage = _storage(sweep)
         study = _load_study(sweep, storage)
         if study is None:
@@ -673,6 +680,17 @@ def run_worker(sweep: Sweep) -> int:
             study.set_user_attr(_ATTR, sweep.identity)
         else:
             _check_same_study(sweep, study)
+    return study
+
+
+def run_worker(sweep: Sweep) -> int:
+    """Runs trials until N have ended or are running elsewhere, then writes the report.
+
+    Returns:
+      The exit status: 0, or the run's 74/75/130 that stopped this worker.
+    """
+    study = open_study(sweep)
+    claim_lock = os.path.join(sweep.workdir, ".sweep.lock")
     forward = _Forward()
     previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
