@@ -401,9 +401,13 @@ def _check_workdir(sweep: Sweep) -> None:
     journal = os.path.join(workdir, JOURNAL)
     if sweep.storage is None and not os.path.exists(journal):
         return  # a new study: nothing to compare (opening a database URL would write)
-    study = _load_study(sweep, _storage(sweep))
-    if study is not None:
-        _check_same_study(sweep, study)
+    claim_lock = os.path.join(workdir, ".sweep.lock")
+    # Under the lock the first worker makes the study with (an instant there is a study
+    # without its description); it exists already wherever a study does: no file is made.
+    with _flock(claim_lock) if os.path.exists(claim_lock) else contextlib.nullcontext():
+        study = _load_study(sweep, _storage(sweep))
+        if study is not None:
+            _check_same_study(sweep, study)
 
 
 def _check_same_study(sweep: Sweep, study) -> None:
