@@ -278,8 +278,9 @@ def test_a_killed_workers_trial_is_retried_with_its_params_and_resumes(data_dir,
     # the second from the step the first saved at SIGTERM, each step logged once.
     log = (first / "train.log").read_text()
     assert "preempted at step" in log and "(resumed at " in log
-    resumed_at = int(log.split("(resumed at ")[1].split(")")[0])
-    assert 20 <= resumed_at <= stopped_at
+    preempted_at = int(log.split("preempted at step ")[1].split(" ")[0])
+    assert log.count("(resumed at ") == 1 and f"(resumed at {preempted_at})" in log
+    assert stopped_at <= preempted_at < 400
     assert _runs_started(first) == 2
     steps = sorted(read_metrics(first))  # read_metrics: no step logged twice
     assert set(range(5, 401, 5)) <= set(steps) and steps[-1] == 400
