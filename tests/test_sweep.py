@@ -230,7 +230,11 @@ def _is_locked(path):
 
 
 @pytest.mark.slow
-def test_a_killed_workers_trial_is_retried_with_its_params_and_resumes(data_dir, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["kill -9", "SIGTERM"])
+def test_a_stopped_workers_trial_is_retried_with_its_params_and_resumes(signum, data_dir, tmp_path):
+    """kill -9: its run gets SIGTERM as its parent dies; SIGTERM (a preempted SLURM task):
+    the worker passes it on, waits for the run's checkpoint and exits 75. Either way the
+    trial is left RUNNING, and the rerun retries it."""
     workdir = tmp_path / "sweep"
     command = _command(
         workdir,
@@ -241,7 +245,7 @@ def test_a_killed_workers_trial_is_retried_with_its_params_and_resumes(data_dir,
         "--config.log_every_steps=5",
         "--config.eval_every_steps=200",
     )
-    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    worker = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first = workdir / "trials" / "0"
     try:
         deadline = time.monotonic() + 300
@@ -252,12 +256,17 @@ def test_a_killed_workers_trial_is_retried_with_its_params_and_resumes(data_dir,
             except (FileNotFoundError, ValueError):
                 pass
             time.sleep(0.01)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=60)
+        worker.send_signal(signum)
+        _, stderr = worker.communicate(timeout=120)
     finally:
         worker.kill()
-    assert worker.returncode == -signal.SIGKILL
-    # Its run got SIGTERM as its parent died: it checkpoints and lets go of the workdir.
+    if signum == signal.SIGKILL:
+        assert worker.returncode == -signal.SIGKILL
+    else:
+        assert worker.returncode == 75, stderr[-3000:]
+        assert stderr.endswith("rerun the sweep to resume it\n") and "Traceback" not in stderr
+        assert "jaxtrain: trial 0's run exited 75" in stderr
+    # Its run checkpoints on SIGTERM and lets go of the workdir.
     deadline = time.monotonic() + 120
     while _is_locked(first / ".jaxtrain.lock") and time.monotonic() < deadline:
         time.sleep(0.1)
