@@ -33,7 +33,9 @@ failed, or it was signalled) stops the worker with that status and is retried by
 
 import ast
 import contextlib
+import copy
 import csv
+import dataclasses
 import fcntl
 import io
 import itertools
@@ -311,11 +313,22 @@ def make_pruner(spec: dict | None):
         raise ConfigError(f"pruner {name!r}: {e}") from None
 
 
+@dataclasses.dataclass(frozen=True)
 class Sweep:
     """A checked sweep: what `run_worker` runs. Build it with `make_sweep` (checks all)."""
 
-    def __init__(self, **fields):
-        self.__dict__.update(fields)
+    config_spec: str  # --config, passed to each trial's `jaxtrain train`
+    fixed: list[str]  # the fixed --config.X=VALUE flags, passed on as given
+    params: list[dict]  # the swept fields (`parse_param`), in order
+    grid: list[dict] | None  # sampler grid: every point, in the order they run
+    trials: int  # N: trials that end, all workers together
+    sampler: str
+    pruner: dict  # {"name": ..., **the pruner's arguments}
+    storage: str | None  # a database URL; None: DIR/study.journal
+    metric: str
+    mode: str
+    workdir: str
+    identity: dict  # what the study records, to refuse another sweep's DIR
 
 
 def make_sweep(
@@ -524,11 +537,10 @@ def _claim(sweep: Sweep, study):
                 study.tell(t.number, state=TrialState.FAIL)
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                    optuna.storages.RetryHeartbeatStaleTrialCallback()(
-                        study, study._storage.get_trial(t._trial_id)
-                    )
+                    # A copy: the callback appends to the trial's retry history in place.
+                    optuna.storages.RetryHeartbeatStaleTrialCallback()(study, copy.deepcopy(t))
                 print(f"jaxtrain sweep: trial {t.number}'s worker is gone: retrying it", flush=True)
-        trials = study.get_trials(deepcopy=False)
+    trials = study.get_trials(deepcopy=False)
     live = _live(trials)
     if not any(t.state == TrialState.WAITING for t in live):
         if len(live) >= sweep.trials:
@@ -541,9 +553,12 @@ def _claim(sweep: Sweep, study):
                 return None
             study.enqueue_trial(sweep.grid[index], user_attrs={"grid_index": index})
     trial = study.ask()
-    number = trial_dir_number(study._storage.get_trial(trial._trial_id))
+    number = trial_dir_number(study.get_trials(deepcopy=False)[trial.number])
     directory = os.path.join(sweep.workdir, "trials", str(number))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise files.storage_error("create", directory, e) from e
     lock = _flock(os.path.join(directory, ".sweep.lock"))
     lock.__enter__()
     return trial, directory, lock
