@@ -64,6 +64,9 @@ SAMPLERS = ("grid", "random", "tpe")
 PRUNERS = ("none", "median", "hyperband")
 _DISTRIBUTION = re.compile(r"^\s*(uniform|loguniform|int)\s*\((.*)\)\s*$")
 _ATTR = "jaxtrain_sweep"  # the study's user attr: what it sweeps, to refuse another
+# Config fields that say where and how a trial runs, not what it computes: workers on
+# other machines may differ in them (a local data_dir, another GPU count's mesh).
+_WHERE = ("data.data_dir", "data.prefetch", "data.read_threads", "mesh", "compilation_cache")
 POLL_S = 0.5  # how often a worker reads its trial's metrics.jsonl
 
 
@@ -430,7 +433,11 @@ def _check_same_study(sweep: Sweep, study) -> None:
     where = f"--workdir={sweep.workdir!r} holds a sweep"
     if saved is None:
         raise ConfigError(f"{where} study {STUDY_NAME!r} not made by jaxtrain sweep")
-    changes = config_changes(saved["config"], sweep.identity["config"])
+    changes = [
+        change
+        for change in config_changes(saved["config"], sweep.identity["config"])
+        if not change[0].startswith(_WHERE)
+    ]
     if changes:
         key, old, new = changes[0]
         raise ConfigError(

@@ -142,8 +142,12 @@ def test_a_study_of_another_config_or_space_is_refused_untouched(tmp_path, capsy
     err = capsys.readouterr().err
     assert "holds a sweep of another space (optim.lr)" in err and err.count("\n") == 1, err
     assert _listing(workdir) == before
-    # The same sweep is accepted (the rerun a worker makes), N may grow.
+    # The same sweep is accepted (the rerun a worker makes), N may grow, and a worker
+    # elsewhere may read its data from another directory, on another mesh.
     assert sweep.make_sweep(config, DIGITS, [], ["optim.lr=[0.1,0.2]"], str(workdir), trials=3)
+    config.data.data_dir, config.mesh.data = "/elsewhere/tfds", 4
+    assert sweep.make_sweep(config, DIGITS, [], ["optim.lr=[0.1,0.2]"], str(workdir), trials=2)
+    assert _listing(workdir) == before
 
 
 def test_a_run_directory_is_not_a_sweep(tmp_path, capsys):
