@@ -590,6 +590,36 @@ def _flag_value(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
+class _Follower:
+    """The records a growing `metrics.jsonl` gains, read from where the last call stopped
+    (a long run's log is not read whole twice a second, on a shared file system too)."""
+
+    def __init__(self, path: str):
+        self.path, self.inode, self.offset, self.partial = path, None, 0, b""
+
+    def new_records(self) -> list[dict]:
+        try:
+            with open(self.path, "rb") as f:
+                inode = os.fstat(f.fileno()).st_ino
+                if inode != self.inode:  # a run's start rewrites it in one rename: anew
+                    self.inode, self.offset, self.partial = inode, 0, b""
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        self.offset += len(data)
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        records = []
+        for line in lines:
+            try:
+                record = metrics_jsonl.decode_record(json.loads(line))
+            except ValueError:  # damaged: the run sets it aside when it starts
+                continue
+            if record is not None:
+                records.append(record)
+        return records
+
+
 def _evals(directory: str, metric: str) -> list[dict]:
     path = os.path.join(directory, "metrics.jsonl")
     try:
@@ -641,9 +671,12 @@ def _run_trial(sweep: Sweep, trial, directory: str, forward: _Forward):
             command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
         )
         proc, reported, pruned = forward.proc, set(), False
+        follower = _Follower(os.path.join(directory, "metrics.jsonl"))
         while True:
             done = proc.poll() is not None
-            for record in _evals(directory, sweep.metric):
+            for record in follower.new_records():
+                if record["split"] != "eval" or sweep.metric not in record:
+                    continue
                 if record["step"] in reported:
                     continue
                 reported.add(record["step"])

@@ -58,6 +58,23 @@ def test_space_files_and_flags_read_in_order(tmp_path):
     assert grid == [{"a": a, "b": b} for a in (1, 2) for b in (0, 1, 2)]
 
 
+def test_the_follower_reads_whole_new_lines_and_a_rewritten_log_anew(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    follower = sweep._Follower(str(path))
+    assert follower.new_records() == []  # no log yet
+    path.write_text('{"step": 2, "split": "eval", "loss": 1.5}\n{"step": 4, "spl')
+    assert follower.new_records() == [{"step": 2, "split": "eval", "loss": 1.5}]
+    with open(path, "a") as f:
+        f.write('it": "eval", "loss": "NaN"}\nnot json\n')
+    [record] = follower.new_records()  # the line cut short, now whole; damage skipped
+    assert record["step"] == 4 and record["loss"] != record["loss"]
+    assert follower.new_records() == []
+    # A resumed run's start rewrites the log in one rename (metrics_jsonl.resume_log).
+    (tmp_path / "new").write_text('{"step": 2, "split": "eval", "loss": 1.5}\n')
+    os.replace(tmp_path / "new", path)
+    assert follower.new_records() == [{"step": 2, "split": "eval", "loss": 1.5}]
+
+
 # --- Bad input: one line, exit 2, nothing written --------------------------------------------
 
 
