@@ -493,7 +493,10 @@ def _sampler(sweep: Sweep):
     # Grid points are enqueued one by one in their order (`_claim`); the sampler never
     # sees them, since enqueued params are fixed.
     if sweep.sampler == "tpe":
-        return optuna.samplers.TPESampler()
+        # constant_liar: trials running elsewhere count as bad results, so concurrent
+        # workers are not all sent to the same corner of the space (optuna's advice for
+        # distributed TPE).
+        return optuna.samplers.TPESampler(constant_liar=True)
     return optuna.samplers.RandomSampler()
 
 
@@ -770,7 +773,8 @@ def run_worker(sweep: Sweep) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    rows = report(sweep, study)
+    with _flock(claim_lock):  # one worker at a time writes the report's files
+        rows = report(sweep, study)
     print(format_table(sweep, rows), flush=True)
     return 0
 
@@ -799,12 +803,12 @@ def report(sweep: Sweep, study) -> list[dict]:
     writer = csv.DictWriter(out, fieldnames=_columns(sweep), lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path = os.path.join(sweep.workdir, "sweep.csv")
-    try:
-        files.write_atomically(path, out.getvalue())
-        plot(sweep, rows, os.path.join(sweep.workdir, "sweep.png"))
-    except OSError as e:
-        raise files.storage_error("write", path, e) from e
+    for name, contents in (("sweep.csv", out.getvalue()), ("sweep.png", plot(sweep, rows))):
+        path = os.path.join(sweep.workdir, name)
+        try:
+            files.write_atomically(path, contents)  # a reader never sees half a table
+        except OSError as e:
+            raise files.storage_error("write", path, e) from e
     return rows
 
 
@@ -829,8 +833,8 @@ def _cell(value) -> str:
     return f"{value:.6g}" if isinstance(value, float) else str(value)
 
 
-def plot(sweep: Sweep, rows: list[dict], out: str) -> None:
-    """The metric against each swept field, one panel each (matplotlib, Agg canvas)."""
+def plot(sweep: Sweep, rows: list[dict]) -> bytes:
+    """The metric against each swept field, one panel each (matplotlib, Agg canvas): a PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -855,4 +859,6 @@ def plot(sweep: Sweep, rows: list[dict], out: str) -> None:
         ax.grid(alpha=0.3)
     axes[0].legend()
     figure.tight_layout()
-    figure.savefig(out, format="png")
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    return png.getvalue()

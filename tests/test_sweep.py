@@ -239,6 +239,12 @@ def test_two_workers_share_one_study_each_trial_run_once(data_dir, tmp_path):
     assert all(float(r["loss"]) == t.value for r, t in zip(rows, trials, strict=True))
     assert (workdir / "sweep.png").stat().st_size > 10_000
     assert "trial  state     optim.lr  loss" in outputs[0][0] + outputs[1][0]
+    # A rerun keeps the finished trials: nothing runs again, the same table.
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "jaxtrain sweep: trial" not in rerun.stdout
+    assert len(_trials(workdir)) == 4 and _table(workdir) == rows
+    assert all(_runs_started(workdir / "trials" / str(t.number)) == 1 for t in trials)
 
 
 def _is_locked(path):
