@@ -75,6 +75,14 @@ def test_the_follower_reads_whole_new_lines_and_a_rewritten_log_anew(tmp_path):
     assert follower.new_records() == [{"step": 2, "split": "eval", "loss": 1.5}]
 
 
+def test_pruners_by_name_with_their_arguments():
+    assert isinstance(sweep.make_pruner(None), optuna.pruners.NopPruner)
+    median = sweep.make_pruner({"name": "median", "n_startup_trials": 2})
+    assert isinstance(median, optuna.pruners.MedianPruner) and median._n_startup_trials == 2
+    hyperband = sweep.make_pruner({"name": "hyperband", "min_resource": 4})
+    assert isinstance(hyperband, optuna.pruners.HyperbandPruner)
+
+
 # --- Bad input: one line, exit 2, nothing written --------------------------------------------
 
 
@@ -357,6 +365,23 @@ def test_a_bad_trial_is_pruned_and_its_run_stopped_early(data_dir, tmp_path):
     assert "preempted at step" in (workdir / "trials" / "1" / "train.log").read_text()
     assert bad.intermediate_values[4] > good.intermediate_values[4]
     assert [r["state"] for r in _table(workdir)] == ["COMPLETE", "PRUNED"]
+
+
+@pytest.mark.slow
+def test_a_database_storage_holds_the_study(data_dir, tmp_path):
+    workdir, url = tmp_path / "sweep", f"sqlite:///{tmp_path / 'study.db'}"
+    command = _command(workdir, data_dir, "--space=optim.lr=[0.003]", f"--storage={url}")
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [trial] = optuna.load_study(study_name=sweep.STUDY_NAME, storage=url).get_trials()
+    assert trial.state.name == "COMPLETE" and trial.params == {"optim.lr": 0.003}
+    assert not (workdir / "study.journal").exists()
+    assert [r["state"] for r in _table(workdir)] == ["COMPLETE"]
+    before = _listing(tmp_path)
+    command[command.index("--space=optim.lr=[0.003]")] = "--space=optim.lr=[0.001]"
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and "holds a sweep of another space" in proc.stderr
+    assert _listing(tmp_path) == before
 
 
 # --- SLURM -----------------------------------------------------------------------------------
