@@ -8,10 +8,10 @@
     jaxtrain export --workdir=DIR --out=FILE [--step=N]
     jaxtrain sweep --config=FILE.py[:ARG] --space=FIELD=SPEC|FILE --trials=N --workdir=DIR
 
-`main` dispatches to one function per command (COMMANDS). `train` and `plan` read a
-config (`--config` is a config file's path or the name of a bundled config, configs/);
-`sample`, `eval` and `export` read a run directory (`jaxtrain.load_run`), `plot` its
-metrics.
+`main` dispatches to one function per command (COMMANDS). `train`, `plan` and `sweep`
+read a config (`--config` is a config file's path or the name of a bundled config,
+configs/); `sample`, `eval` and `export` read a run directory (`jaxtrain.load_run`),
+`plot` its metrics.
 
 Exit status (see jaxtrain/errors.py): 0 done; 2 bad input (a missing config file, an
 unknown or mistyped override, a mesh that does not fit the devices, a workdir another run
@@ -322,7 +322,7 @@ def _sweep_flags(flags, flag_values):
 def _sweep(flag_values, spec: str, fixed: list[str]) -> int:
     from jaxtrain import sweep
 
-    study = sweep.make_sweep(
+    checked = sweep.make_sweep(  # every input, before anything is written
         flag_values.config,
         spec,
         fixed,
@@ -335,7 +335,7 @@ def _sweep(flag_values, spec: str, fixed: list[str]) -> int:
         metric=flag_values.metric,
         mode=flag_values.mode,
     )
-    return sweep.run_worker(study)
+    return sweep.run_worker(checked)
 
 
 # --- sample, eval, plot, export: a run directory -------------------------------------------
