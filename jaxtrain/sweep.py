@@ -432,7 +432,10 @@ def _check_same_study(sweep: Sweep, study) -> None:
     saved = study.user_attrs.get(_ATTR)
     where = f"--workdir={sweep.workdir!r} holds a sweep"
     if saved is None:
-        raise ConfigError(f"{where} study {STUDY_NAME!r} not made by jaxtrain sweep")
+        raise ConfigError(
+            f"--workdir={sweep.workdir!r} holds an optuna study {STUDY_NAME!r} that "
+            "jaxtrain sweep did not make; use another --workdir"
+        )
     changes = [
         change
         for change in config_changes(saved["config"], sweep.identity["config"])
@@ -453,9 +456,16 @@ def _check_same_study(sweep: Sweep, study) -> None:
 
 
 def _describe(key, value) -> str:
-    if key == "space":
-        return ", ".join(p["field"] for p in value)
-    return json.dumps(value)
+    """What the study in DIR has, as the flags that made it."""
+    if key != "space":
+        return f"{json.dumps(value)} there"
+    specs = [
+        f"{p['field']}={json.dumps(p['choices'])}"
+        if p["kind"] == "choice"
+        else f"{p['field']}={p['kind']}({p['low']},{p['high']})"
+        for p in value
+    ]
+    return f"{' '.join(specs)} there"
 
 
 def _storage(sweep: Sweep):

@@ -165,7 +165,10 @@ def test_a_study_of_another_config_or_space_is_refused_untouched(tmp_path, capsy
     assert "holds a sweep of another config (seed: 0 there, 1 here)" in err, err
     assert _sweep_cli(workdir, "--space=optim.lr=[0.1,0.3]", "--trials=2") == 2
     err = capsys.readouterr().err
-    assert "holds a sweep of another space (optim.lr)" in err and err.count("\n") == 1, err
+    assert "holds a sweep of another space (optim.lr=[0.1, 0.2] there)" in err, err
+    assert err.count("\n") == 1
+    assert _sweep_cli(workdir, "--space=optim.lr=[0.1,0.2]", "--trials=2", "--mode=max") == 2
+    assert 'holds a sweep of another mode ("min" there)' in capsys.readouterr().err
     assert _listing(workdir) == before
     # The same sweep is accepted (the rerun a worker makes), N may grow, and a worker
     # elsewhere may read its data from another directory, on another mesh.
