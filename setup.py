@@ -63,7 +63,12 @@ setuptools.setup(
             "ipykernel>=6.29",
             # W&B logging is tested offline; `wandb leet inspect` reads its run log (0.31).
             "wandb>=0.31",
+            # `jaxtrain sweep` is tested (tests/test_sweep.py).
+            "optuna>=5.0",
         ],
+        # `jaxtrain sweep` (jaxtrain/sweep.py): the study, its samplers and pruners, and a
+        # journal storage several machines share; imported only by that command.
+        "sweep": ["optuna>=5.0"],
         # Weights & Biases logging (config.logging.wandb), imported only when enabled.
         "wandb": ["wandb>=0.19"],
         "gpu": ["jax[cuda13]>=0.10.2"],

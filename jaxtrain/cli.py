@@ -6,11 +6,12 @@
     jaxtrain eval --workdir=DIR [--split=NAME] [--step=N]
     jaxtrain plot DIR [DIR ...] [--metric=loss] --out=curves.png
     jaxtrain export --workdir=DIR --out=FILE [--step=N]
+    jaxtrain sweep --config=FILE.py[:ARG] --space=FIELD=SPEC|FILE --trials=N --workdir=DIR
 
-`main` dispatches to one function per command (COMMANDS). `train` and `plan` read a
-config (`--config` is a config file's path or the name of a bundled config, configs/);
-`sample`, `eval` and `export` read a run directory (`jaxtrain.load_run`), `plot` its
-metrics.
+`main` dispatches to one function per command (COMMANDS). `train`, `plan` and `sweep`
+read a config (`--config` is a config file's path or the name of a bundled config,
+configs/); `sample`, `eval` and `export` read a run directory (`jaxtrain.load_run`),
+`plot` its metrics.
 
 Exit status (see jaxtrain/errors.py): 0 done; 2 bad input (a missing config file, an
 unknown or mistyped override, a mesh that does not fit the devices, a workdir another run
@@ -45,6 +46,9 @@ USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.
        jaxtrain plot DIR [DIR ...] --out=FILE.png [--metric=NAME]
        jaxtrain export --workdir=DIR --out=FILE [--step=N] [--input_key=KEY]
                        [--platforms=cpu,cuda,tpu] [--mesh=...] [--weights=ema|raw]
+       jaxtrain sweep --config=FILE.py[:ARG] --space=FIELD=SPEC|FILE [--space=...] --trials=N
+                      --workdir=DIR [--sampler=grid|random|tpe] [--pruner=none|median|hyperband]
+                      [--storage=URL] [--metric=loss --mode=min] [--config.KEY=VALUE ...]
 
 commands:
   train   train and evaluate; rerunning with the same --workdir resumes from its checkpoint
@@ -55,6 +59,8 @@ commands:
   eval    evaluate a checkpoint on a data split; append the metrics to metrics.jsonl
   plot    train and eval curves of one or more runs on one figure (PNG)
   export  the model's inference function and weights as one jax.export file
+  sweep   a hyperparameter search on optuna, each trial a `train` run under DIR/trials;
+          workers running the same command on one DIR share the study (jaxtrain/sweep.py)
 """
 
 
@@ -141,16 +147,21 @@ def main(argv: list[str]) -> int:
 
 
 def _config_command(command: str, program: str, args: list[str]) -> int:
-    """Parses `train` and `plan` flags (the config and its overrides) and runs the command."""
+    """Parses `train`, `plan` and `sweep` flags (the config, its overrides) and runs it."""
     from jaxtrain.config import load_config
 
     spec = _flag_value(args, "config")
     if not spec:
         return _error("--config=FILE.py[:ARG] is required")
-    if command == "train" and not _flag_value(args, "workdir"):
+    if command in ("train", "sweep") and not _flag_value(args, "workdir"):
         return _error("--workdir=DIR is required")
     if command == "plan" and not _flag_value(args, "topology"):
         return _error("--topology=NAME is required (v5p-64, v5e-16, h100x8, h100x8x4, cpu-8, ...)")
+    if command == "sweep":
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            return _error('jaxtrain sweep needs optuna: pip install "jaxtrain[sweep]"')
     try:
         # Loaded once, as jaxtrain.load_config loads it (a bundled config's name, a file
         # that does not load, a get_config that returns no run config: one line each);
@@ -202,6 +213,8 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
             "With --coordinator_address: this process's index, 0 to num_processes - 1.",
             flag_values=flag_values,
         )
+    elif command == "sweep":
+        _sweep_flags(flags, flag_values)
     else:
         flags.DEFINE_string(
             "topology",
@@ -219,6 +232,8 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
 
         # An override of an optimizer's field that another optimizer's name makes moot.
         check_unused_optimizer_fields(flag_values.config.optim, file_optim, "--config overrides")
+        if command == "sweep":
+            return _sweep(flag_values, spec, [a for a in args if a.startswith("--config.")])
         return _train(flag_values) if command == "train" else _plan(flag_values)
     except ConfigError as e:
         return _error(e)
@@ -277,6 +292,57 @@ def _plan(flag_values) -> int:
     report = plan.make_plan(flag_values.config, flag_values.topology)
     print(plan.to_json(report) if flag_values.json else plan.format_plan(report))
     return 0
+
+
+def _sweep_flags(flags, flag_values):
+    flags.DEFINE_string("workdir", None, "The sweep's directory.", flag_values=flag_values)
+    flags.DEFINE_multi_string(
+        "space",
+        [],
+        "A swept field, FIELD=SPEC (uniform(LO,HI), loguniform(LO,HI), int(LO,HI), "
+        "[A,B,...]), or a YAML, JSON or Python space file; repeat for more.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_integer(
+        "trials",
+        None,
+        "Trials in all workers together; grid: default all.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string("sampler", "tpe", "grid, random or tpe.", flag_values=flag_values)
+    flags.DEFINE_string(
+        "pruner",
+        None,
+        "none, median or hyperband; default: the space file's, or none.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string(
+        "storage",
+        None,
+        "An optuna database URL; default: DIR/study.journal.",
+        flag_values=flag_values,
+    )
+    flags.DEFINE_string("metric", "loss", "The eval metric to optimize.", flag_values=flag_values)
+    flags.DEFINE_string("mode", "min", "min or max.", flag_values=flag_values)
+
+
+def _sweep(flag_values, spec: str, fixed: list[str]) -> int:
+    from jaxtrain import sweep
+
+    checked = sweep.make_sweep(  # every input, before anything is written
+        flag_values.config,
+        spec,
+        fixed,
+        flag_values.space,
+        flag_values.workdir,
+        trials=flag_values.trials,
+        sampler=flag_values.sampler,
+        pruner=flag_values.pruner,
+        storage=flag_values.storage,
+        metric=flag_values.metric,
+        mode=flag_values.mode,
+    )
+    return sweep.run_worker(checked)
 
 
 # --- sample, eval, plot, export: a run directory -------------------------------------------
@@ -476,6 +542,7 @@ def _export(flag_values, rest) -> int:
 COMMANDS = {
     "train": lambda program, args: _config_command("train", program, args),
     "plan": lambda program, args: _config_command("plan", program, args),
+    "sweep": lambda program, args: _config_command("sweep", program, args),
     "sample": _RunCommand(_sample_flags, _sample, required=("workdir",)),
     "eval": _RunCommand(_eval_flags, _eval, required=("workdir",)),
     "plot": _RunCommand(_plot_flags, _plot, required=("out",), positional=True),
