@@ -7,9 +7,10 @@
     jaxtrain plot DIR [DIR ...] [--metric=loss] --out=curves.png
     jaxtrain export --workdir=DIR --out=FILE [--step=N]
     jaxtrain sweep --config=FILE.py[:ARG] --space=FIELD=SPEC|FILE --trials=N --workdir=DIR
+    jaxtrain lr-find --config=FILE.py[:ARG] --workdir=DIR [--min_lr=1e-6 --max_lr=1 --steps=200]
 
-`main` dispatches to one function per command (COMMANDS). `train`, `plan` and `sweep`
-read a config (`--config` is a config file's path or the name of a bundled config,
+`main` dispatches to one function per command (COMMANDS). `train`, `plan`, `sweep` and
+`lr-find` read a config (`--config` is a config file's path or the name of a bundled config,
 configs/); `sample`, `eval` and `export` read a run directory (`jaxtrain.load_run`),
 `plot` its metrics.
 
@@ -49,6 +50,8 @@ USAGE = """usage: jaxtrain train --config=FILE.py[:ARG] --workdir=DIR [--config.
        jaxtrain sweep --config=FILE.py[:ARG] --space=FIELD=SPEC|FILE [--space=...] --trials=N
                       --workdir=DIR [--sampler=grid|random|tpe] [--pruner=none|median|hyperband]
                       [--storage=URL] [--metric=loss --mode=min] [--config.KEY=VALUE ...]
+       jaxtrain lr-find --config=FILE.py[:ARG] --workdir=DIR [--min_lr=LR] [--max_lr=LR]
+                        [--steps=N] [--config.KEY=VALUE ...]
 
 commands:
   train   train and evaluate; rerunning with the same --workdir resumes from its checkpoint
@@ -61,6 +64,8 @@ commands:
   export  the model's inference function and weights as one jax.export file
   sweep   a hyperparameter search on optuna, each trial a `train` run under DIR/trials;
           workers running the same command on one DIR share the study (jaxtrain/sweep.py)
+  lr-find the learning-rate range test: a short run whose lr rises exponentially, the loss
+          against it (DIR/lr_find.png, .csv) and a suggested lr (jaxtrain/lr_find.py)
 """
 
 
@@ -153,7 +158,7 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
     spec = _flag_value(args, "config")
     if not spec:
         return _error("--config=FILE.py[:ARG] is required")
-    if command in ("train", "sweep") and not _flag_value(args, "workdir"):
+    if command in ("train", "sweep", "lr-find") and not _flag_value(args, "workdir"):
         return _error("--workdir=DIR is required")
     if command == "plan" and not _flag_value(args, "topology"):
         return _error("--topology=NAME is required (v5p-64, v5e-16, h100x8, h100x8x4, cpu-8, ...)")
@@ -215,6 +220,8 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
         )
     elif command == "sweep":
         _sweep_flags(flags, flag_values)
+    elif command == "lr-find":
+        _lr_find_flags(flags, flag_values)
     else:
         flags.DEFINE_string(
             "topology",
@@ -234,6 +241,8 @@ def _config_command(command: str, program: str, args: list[str]) -> int:
         check_unused_optimizer_fields(flag_values.config.optim, file_optim, "--config overrides")
         if command == "sweep":
             return _sweep(flag_values, spec, [a for a in args if a.startswith("--config.")])
+        if command == "lr-find":
+            return _lr_find(flag_values)
         return _train(flag_values) if command == "train" else _plan(flag_values)
     except ConfigError as e:
         return _error(e)
@@ -343,6 +352,35 @@ def _sweep(flag_values, spec: str, fixed: list[str]) -> int:
         mode=flag_values.mode,
     )
     return sweep.run_worker(checked)
+
+
+def _lr_find_flags(flags, flag_values):
+    flags.DEFINE_string("workdir", None, "The range test's run directory.", flag_values=flag_values)
+    flags.DEFINE_float("min_lr", 1e-6, "The first step's learning rate.", flag_values=flag_values)
+    flags.DEFINE_float("max_lr", 1.0, "The last step's learning rate.", flag_values=flag_values)
+    flags.DEFINE_integer("steps", 200, "Steps, one learning rate each.", flag_values=flag_values)
+
+
+def _lr_find(flag_values) -> int:
+    from jaxtrain import lr_find
+
+    lr_find.check_range(flag_values.min_lr, flag_values.max_lr, flag_values.steps)
+    _freeze_imports()
+    result = lr_find.range_test(
+        flag_values.config,
+        flag_values.workdir,
+        min_lr=flag_values.min_lr,
+        max_lr=flag_values.max_lr,
+        steps=flag_values.steps,
+    )
+    diverged = result["diverged_lr"]
+    print(
+        f"suggested lr: {result['suggested_lr']:.3g} (steepest fall of the smoothed loss); "
+        f"lowest loss at lr {result['min_loss_lr']:.3g}; "
+        + (f"diverged from lr {diverged:.3g}" if diverged else "did not diverge (raise --max_lr)")
+    )
+    print(f"curve: {result['csv']}, {result['png']}")
+    return 0
 
 
 # --- sample, eval, plot, export: a run directory -------------------------------------------
@@ -543,6 +581,7 @@ COMMANDS = {
     "train": lambda program, args: _config_command("train", program, args),
     "plan": lambda program, args: _config_command("plan", program, args),
     "sweep": lambda program, args: _config_command("sweep", program, args),
+    "lr-find": lambda program, args: _config_command("lr-find", program, args),
     "sample": _RunCommand(_sample_flags, _sample, required=("workdir",)),
     "eval": _RunCommand(_eval_flags, _eval, required=("workdir",)),
     "plot": _RunCommand(_plot_flags, _plot, required=("out",), positional=True),

@@ -88,3 +88,45 @@ def test_a_range_test_runs_the_task_and_writes_its_curve(tmp_path, data_dir):
     assert os.path.getsize(result["png"]) > 10_000
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["num_train_steps"] == 12
+
+
+def _lr_find_command(workdir, data_dir, *flags):
+    from jaxtrain import cli
+
+    return cli.main(
+        [
+            "jaxtrain",
+            "lr-find",
+            "--config=gpt_pysource.py:smoke",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            *flags,
+        ]
+    )
+
+
+def test_the_command_refuses_a_bad_range_in_one_line(tmp_path, data_dir, capsys):
+    workdir = tmp_path / "lr"
+    assert _lr_find_command(workdir, data_dir, "--min_lr=1", "--max_lr=0.1") == 2
+    assert capsys.readouterr().err.strip() == (
+        "jaxtrain: error: --min_lr (1.0) must be below --max_lr (0.1)"
+    )
+    assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_the_command_prints_a_suggestion_and_reruns_from_its_run(tmp_path, data_dir, capsys):
+    workdir = tmp_path / "lr"
+    flags = ("--steps=20", "--min_lr=1e-5", "--max_lr=10", "--config.optim.name=lion")
+    assert _lr_find_command(workdir, data_dir, *flags) == 0
+    out = capsys.readouterr().out
+    [line] = [ln for ln in out.splitlines() if ln.startswith("suggested lr: ")]
+    with open(workdir / "config.json") as f:
+        assert json.load(f)["optim"]["name"] == "lion"
+    # A rerun reads the finished run back (no step trained again) and suggests the same.
+    before = (workdir / "metrics.jsonl").read_text()
+    assert _lr_find_command(workdir, data_dir, *flags) == 0
+    assert line in capsys.readouterr().out
+    assert (workdir / "metrics.jsonl").read_text().count('"split": "train"') == before.count(
+        '"split": "train"'
+    )
