@@ -375,8 +375,8 @@ def _lr_find(flag_values) -> int:
     )
     diverged = result["diverged_lr"]
     print(
-        f"suggested lr: {result['suggested_lr']:.3g} (steepest fall of the smoothed loss); "
-        f"lowest loss at lr {result['min_loss_lr']:.3g}; "
+        f"suggested lr: {result['suggested_lr']:.3g} (a tenth of the lowest loss's, "
+        f"{result['min_loss_lr']:.3g}); steepest fall at {result['steepest_lr']:.3g}; "
         + (f"diverged from lr {diverged:.3g}" if diverged else "did not diverge (raise --max_lr)")
     )
     print(f"curve: {result['csv']}, {result['png']}")

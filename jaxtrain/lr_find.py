@@ -5,8 +5,12 @@
 
 A short run of the config's task and optimizer whose learning rate rises exponentially
 from `min_lr` to `max_lr`, one step each, every step's loss logged. The loss against the
-learning rate falls, flattens and blows up; the suggestion is where the smoothed loss
-falls fastest (steepest descent against log lr), before its minimum. The run is an
+learning rate falls, flattens and blows up; the suggestion is a tenth of the learning
+rate at the smoothed loss's minimum (Smith's and fastai's rule), and the point where it
+falls fastest (steepest descent against log lr) is reported beside it. On the main job
+(BENCHMARKS.md) the steepest point came out 4-13x below the rates a search found best
+(3e-3 to 9e-3) and the tenth-of-minimum 2-6x below: a range test's loss keeps falling as much from training as
+from the rate, so both lean low; treat the suggestion as the start of a search. The run is an
 ordinary jaxtrain run in its own workdir (config.json, metrics.jsonl, one checkpoint at
 the end; a rerun with the same workdir reads the finished run back) and the curve goes to
 `lr_find.csv` and `lr_find.png` there.
@@ -98,8 +102,9 @@ def suggest(lrs, losses) -> dict:
     """The suggested learning rate from a range test's (lr, loss) points.
 
     Returns:
-      {"suggested_lr": steepest descent of the smoothed loss against log lr, before the
-      minimum; "min_loss_lr": the lr at the smoothed minimum; "diverged_lr": the first lr
+      {"suggested_lr": min_loss_lr / 10; "steepest_lr": steepest descent of the smoothed
+      loss against log lr, before the minimum; "min_loss_lr": the lr at the smoothed
+      minimum; "diverged_lr": the first lr
       where the smoothed loss passed DIVERGED x its minimum (None if it never did);
       "points": how many points the curve kept}.
 
@@ -128,7 +133,8 @@ def suggest(lrs, losses) -> dict:
     slopes = np.gradient(smooth[: lowest + 1], np.log(lrs[: lowest + 1])) if lowest >= 2 else None
     steepest = int(np.argmin(slopes)) if slopes is not None else lowest
     return {
-        "suggested_lr": float(lrs[steepest]),
+        "suggested_lr": float(lrs[lowest]) / 10,
+        "steepest_lr": float(lrs[steepest]),
         "min_loss_lr": float(lrs[lowest]),
         "diverged_lr": diverged_lr,
         "points": len(smooth),
@@ -207,7 +213,8 @@ def _plot(workdir, lrs, losses, result) -> str:
     axes.plot(*zip(*finite, strict=True), linewidth=0.8, alpha=0.5, label="loss")
     kept = result["points"]
     axes.plot(lrs[:kept], smoothed(losses[:kept], len(losses)), linewidth=1.5, label="smoothed")
-    axes.axvline(result["suggested_lr"], color="C2", linestyle="--", label="suggested lr")
+    axes.axvline(result["suggested_lr"], color="C2", linestyle="--", label="suggested (min / 10)")
+    axes.axvline(result["steepest_lr"], color="C3", linestyle=":", label="steepest fall")
     axes.set_xscale("log")
     axes.set_xlabel("learning rate")
     axes.set_ylabel("training loss")

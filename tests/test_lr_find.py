@@ -21,12 +21,13 @@ def valley(lrs, noise=0.0, seed=0):
     return 3.0 + fall + blow + noise * rng.standard_normal(len(lrs))
 
 
-def test_the_suggestion_is_the_steepest_fall_before_the_minimum():
+def test_the_suggestion_is_a_tenth_of_the_minimum_and_the_steepest_fall_is_found():
     lrs = np.geomspace(1e-6, 10.0, 200)
     result = lr_find.suggest(lrs, valley(lrs, noise=0.01))
     # The curve falls fastest at 1e-2; smoothing lags a little to the right.
-    assert 10**-2.4 < result["suggested_lr"] < 10**-1.6, result
-    assert result["suggested_lr"] < result["min_loss_lr"] < 1.0
+    assert 10**-2.4 < result["steepest_lr"] < 10**-1.6, result
+    assert result["steepest_lr"] < result["min_loss_lr"] < 1.0
+    assert result["suggested_lr"] == pytest.approx(result["min_loss_lr"] / 10)
     assert result["diverged_lr"] is not None and result["diverged_lr"] > result["min_loss_lr"]
 
 
