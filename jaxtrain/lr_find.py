@@ -9,11 +9,11 @@ learning rate falls, flattens and blows up; the suggestion is a tenth of the lea
 rate at the smoothed loss's minimum (Smith's and fastai's rule), and the point where it
 falls fastest (steepest descent against log lr) is reported beside it. On the main job
 (BENCHMARKS.md) the steepest point came out 4-13x below the rates a search found best
-(3e-3 to 9e-3) and the tenth-of-minimum 2-6x below: a range test's loss keeps falling as much from training as
-from the rate, so both lean low; treat the suggestion as the start of a search. The run is an
-ordinary jaxtrain run in its own workdir (config.json, metrics.jsonl, one checkpoint at
-the end; a rerun with the same workdir reads the finished run back) and the curve goes to
-`lr_find.csv` and `lr_find.png` there.
+(3e-3 to 9e-3) and the tenth-of-minimum 2-6x below: a range test's loss keeps falling
+from training as much as from the rate, so both lean low; treat the suggestion as the
+centre of a search. The run is an ordinary jaxtrain run in its own workdir (config.json,
+metrics.jsonl, one checkpoint at the end; a rerun with the same workdir reads the
+finished run back) and the curve goes to `lr_find.csv` and `lr_find.png` there.
 
 It is a transform of the task, not a branch in the loop: the task's optimizer (its own,
 or the config's by name) is built with the range test's schedule in place of the

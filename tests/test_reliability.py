@@ -272,7 +272,9 @@ def test_a_flipped_bit_is_caught_and_the_run_falls_back(
 
 def test_checksums_cost_one_pass_over_the_state_and_survive_another_mesh(four_steps):
     sums = integrity.saved_json(str(four_steps / "checkpoints" / "4"), integrity.CHECKSUMS_ITEM)
-    assert "params/blocks/0/attn/key/kernel" in sums and "opt_state/1/0/count" in sums
+    # Every array of the state has its checksum: parameters, moments, the optimizer's counts.
+    assert "params/blocks/0/attn/key/kernel" in sums and "opt_state/1/count" in sums
+    assert "opt_state/1/inner_state/0/mu/blocks/0/attn/key/kernel" in sums
     config = gpt_smoke_config(mesh={"fsdp": 4, "tensor": 2})
     from conftest import build
 

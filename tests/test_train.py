@@ -72,7 +72,7 @@ def test_sharded_run_matches_one_device(data_dir, tmp_path):
     assert embedding.sharding.spec == P("tensor", "fsdp")
     assert params["final_norm"]["scale"].sharding.spec == P(None)
     # Adam's moments follow their parameters' layout.
-    mu = state.opt_state[1][0].mu["blocks"][0]["mlp"]["up"]["kernel"]
+    mu = state.opt_state[1].inner_state[0].mu["blocks"][0]["mlp"]["up"]["kernel"]
     assert mu.sharding.spec == P("fsdp", "tensor")
 
 
