@@ -294,15 +294,19 @@ def _factory(o, axes):
             learning_rate, b1=f.b1, b2=f.b2, weight_decay=wd, mask=_decay_mask
         )
     if o.name == "adafactor":
-        return lambda learning_rate: optax.adafactor(
-            learning_rate,
-            min_dim_size_to_factor=f.min_dim_size_to_factor,
-            decay_rate=f.decay_rate,
-            multiply_by_parameter_scale=f.multiply_by_parameter_scale,
-            clipping_threshold=f.clipping_threshold or None,
-            weight_decay_rate=wd or None,
-            eps=f.eps,
-            weight_decay_mask=_decay_mask,
+        # optax.adafactor's weight_decay_rate is added after the learning rate (0.1 would
+        # shrink every weight by a tenth each step); config.optim.weight_decay is decoupled
+        # decay times the learning rate, as AdamW's and every other optimizer's here.
+        return lambda learning_rate: optax.chain(
+            optax.adafactor(
+                learning_rate,
+                min_dim_size_to_factor=f.min_dim_size_to_factor,
+                decay_rate=f.decay_rate,
+                multiply_by_parameter_scale=f.multiply_by_parameter_scale,
+                clipping_threshold=f.clipping_threshold or None,
+                eps=f.eps,
+            ),
+            optax.add_decayed_weights(-wd * learning_rate, _decay_mask),
         )
     if o.name == "sgd":
         # optax.sgd takes no decay: L2 decay (added to the gradient, through the momentum,

@@ -161,14 +161,27 @@ def _flatten(tree, prefix="") -> dict[str, object]:
 
 
 def config_changes(saved: dict, current: dict) -> list[tuple[str, object, object]]:
-    """(field, saved value, current value) for every field that differs, dotted, sorted."""
-    old, new = _flatten(saved), _flatten(current)
+    """(field, saved value, current value) for every field that differs, dotted, sorted.
+
+    A field the saved config lacks that holds configs/base.py's default now is no
+    change: jaxtrain added it after the run was saved (`optim.ema_decay`), and its
+    default is what the run did without it.
+    """
+    old, new, default = _flatten(saved), _flatten(current), _flatten(_base_defaults())
     missing = object()
     return [
         (key, old.get(key, missing), new.get(key, missing))
         for key in sorted(set(old) | set(new))
         if old.get(key, missing) != new.get(key, missing)
+        and not (key not in old and key in default and new[key] == default[key])
     ]
+
+
+def _base_defaults() -> dict:
+    from jaxtrain.configs import base
+
+    # As config.json holds it (tuples as lists).
+    return json.loads(json.dumps(base.get_config().to_dict()))
 
 
 def check_resume_config(saved: dict, current: dict, *, allow: bool, step: int) -> list[str]:

@@ -73,6 +73,29 @@ def test_adamw_is_todays_optimizer_bitwise():
 
 
 @pytest.mark.parametrize("name", optim.OPTIMIZERS)
+def test_weight_decay_is_scaled_by_the_learning_rate(name):
+    # config.optim.weight_decay is decoupled decay times the lr for every optimizer: at lr
+    # 0 nothing moves (optax.adafactor's own weight_decay_rate would shrink each weight
+    # by a tenth per step at 0.1, whatever the lr), and at lr 1e-2 the decay is 1e-3.
+    from jaxtrain.configs import base
+
+    o = base.get_config().optim
+    o.update(name=name, weight_decay=0.1, schedule="constant")
+    axes = {"w": ("embed", "mlp"), "b": ("mlp",)} if name == "muon" else None
+    params = {"w": jnp.full((8, 8), 0.5), "b": jnp.ones((8,))}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.3), params)
+    for lr in (0.0, 1e-2):
+        o.lr = lr
+        tx = optim.make_optimizer(o, optim.make_schedule(o, 10, 32), axes=axes)
+        updates, _ = tx.update(grads, tx.init(params), params)
+        moved = float(jnp.max(jnp.abs(updates["w"])))
+        if lr == 0:
+            assert moved == 0.0, (name, moved)
+        else:
+            assert 0 < moved < 0.05, (name, moved)  # a step of about lr, not of the decay
+
+
+@pytest.mark.parametrize("name", optim.OPTIMIZERS)
 def test_opt_state_is_sharded_like_the_parameters(name):
     config = gpt_smoke_config(mesh={"fsdp": 4, "tensor": 2}, **_overrides(name))
     config_lib.validate(config)

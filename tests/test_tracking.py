@@ -153,3 +153,20 @@ def test_turning_tracking_on_or_off_keeps_a_resumed_run_the_same_run():
     current = {"logging": {"wandb": True, "wandb_project": "mine"}, "seed": 0}
     changes = workdir.check_resume_config(saved, current, allow=False, step=4)
     assert changes == ["logging.wandb: false -> true", 'logging.wandb_project: "" -> "mine"']
+
+
+def test_a_field_added_since_the_run_was_saved_is_no_change_at_its_default():
+    # A run saved before jaxtrain had optim.ema_decay resumes: the field's default is what
+    # the run did. The same field at another value, or a field the run had, still counts.
+    from jaxtrain import workdir
+    from jaxtrain.errors import ConfigError
+
+    saved = {"optim": {"name": "adamw", "lr": 0.001}, "seed": 0}
+    current = {"optim": {"name": "adamw", "lr": 0.001, "ema_decay": 0.0}, "seed": 0}
+    assert workdir.check_resume_config(saved, current, allow=False, step=4) == []
+    current["optim"]["ema_decay"] = 0.999
+    with pytest.raises(ConfigError, match=r"optim.ema_decay: \(none\) -> 0.999"):
+        workdir.check_resume_config(saved, current, allow=False, step=4)
+    del saved["seed"]  # a field the saved run lacks, now at its default: no change either
+    current["optim"]["ema_decay"] = 0.0
+    assert workdir.check_resume_config(saved, current, allow=False, step=4) == []
