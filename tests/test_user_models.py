@@ -170,12 +170,13 @@ def test_each_evaluation_example_draws_its_own_noise():
     jax.tree.map(np.testing.assert_array_equal, values, again)  # the same every time
 
 
-def _evaluate_on(mesh_shape):
-    """The eval means of 12 identical examples in one padded global batch of 16."""
+def _noisy_batch_sums(mesh_shape, num_examples, indices=None):
+    """The eval sums of each padded global batch of 16 over `num_examples` identical
+    examples, each batch evaluated with its own index (or the one `indices` gives)."""
     mesh = jaxtrain.make_mesh(mesh_shape)
     rules = jaxtrain.Rules(RULES)
     layout = jaxtrain.make_state_layout(Noisy, optax.sgd(0.1), mesh, rules)
-    examples = data.as_dataset(identical(12))
+    examples = data.as_dataset(identical(num_examples))
     example = data.example_spec(examples)
     shardings = data.batch_shardings(example, mesh, rules)
     with jax.set_mesh(mesh):
@@ -185,54 +186,41 @@ def _evaluate_on(mesh_shape):
             layout,
             data.abstract_batch(example, 16, shardings),
         )
-        [(local, mask)] = data.eval_batches(
+        batches = data.eval_batches(
             examples, global_batch_size=16, max_batches=-1, shard_index=0, shard_count=1
         )
-        sums = eval_step(
-            state.params,
-            state.model_state,
-            data.to_global(local, shardings),
-            data.to_global(mask, data.example_sharding(shardings)),
-            0,
-        )
-    return jaxtrain.steps.eval_means(jax.device_get(sums))
+        return [
+            jax.device_get(
+                eval_step(
+                    state.params,
+                    state.model_state,
+                    data.to_global(local, shardings),
+                    data.to_global(mask, data.example_sharding(shardings)),
+                    index if indices is None else indices[index],
+                )
+            )
+            for index, (local, mask) in enumerate(batches)
+        ]
+
+
+def _evaluate_on(mesh_shape):
+    """The eval means of 12 identical examples in one padded global batch of 16."""
+    [sums] = _noisy_batch_sums(mesh_shape, 12)
+    return jaxtrain.steps.eval_means(sums)
 
 
 def test_each_evaluation_batch_draws_its_own_noise():
     # Identical examples in two batches: row i of batch 1 must not draw row i of batch 0's
     # noise (the loss's rngs and the model's own stream), and an evaluation repeats.
-    mesh = jaxtrain.make_mesh({"data": 8})
-    rules = jaxtrain.Rules(RULES)
-    layout = jaxtrain.make_state_layout(Noisy, optax.sgd(0.1), mesh, rules)
-    examples = data.as_dataset(identical(32))
-    example = data.example_spec(examples)
-    shardings = data.batch_shardings(example, mesh, rules)
-    with jax.set_mesh(mesh):
-        state = jaxtrain.create_state(layout, seed=0)
-        eval_step = jaxtrain.jit_eval_step(
-            jaxtrain.make_eval_step(jaxtrain.per_example(noisy_loss), layout),
-            layout,
-            data.abstract_batch(example, 16, shardings),
-        )
+    def sums(batches):
+        return [{name: float(t["sum"]) for name, t in b.items()} for b in batches]
 
-        def sums_of(index, local, mask):
-            sums = eval_step(
-                state.params,
-                state.model_state,
-                data.to_global(local, shardings),
-                data.to_global(mask, data.example_sharding(shardings)),
-                index,
-            )
-            return {name: float(t["sum"]) for name, t in jax.device_get(sums).items()}
-
-        batches = list(
-            data.eval_batches(
-                examples, global_batch_size=16, max_batches=-1, shard_index=0, shard_count=1
-            )
-        )
-        assert len(batches) == 2
-        first, second = (sums_of(i, *batch) for i, batch in enumerate(batches))
-        assert first == sums_of(0, *batches[0])  # the same keys every evaluation
+    first, second = sums(_noisy_batch_sums({"data": 8}, 32))
+    again, _ = sums(_noisy_batch_sums({"data": 8}, 32))
+    assert first == again  # the same keys every evaluation
+    # And what differs is the index: batch 1 evaluated as batch 0 draws batch 0's noise.
+    [_, second_as_first] = sums(_noisy_batch_sums({"data": 8}, 32, indices=[0, 0]))
+    assert second_as_first == first
     for name in ("loss", "loss_noise"):
         assert abs(first[name] - second[name]) > 1e-3, (name, first, second)
 
