@@ -636,24 +636,16 @@ def probe() -> dict:
 
 
 def _build(config):
-    """The compiled train step and what it needs, by the functions `train_and_evaluate`
-    uses (as benchmarks/overhead.py's `setup`), with tracing and compiling timed."""
+    """The compiled train step and what it needs, by benchmarks/overhead.py's `build`
+    (the functions `train_and_evaluate` uses), with tracing and compiling timed."""
     import jax
 
-    from jaxtrain import data, optim, precision, sharding, state, steps, tasks
+    sys.path.insert(0, HERE)
+    from overhead import build, train_iterator
 
-    task = tasks.from_config(config)
-    mesh, rules = sharding.mesh_and_rules(config, None)
-    tx, _ = optim.optimizer_and_schedule(
-        config, task.optimizer, model=task.model, trainable=task.trainable
-    )
-    loss_scale = precision.loss_scale(config.precision, device=mesh.devices.flat[0])
-    layout = state.make_state_layout(
-        task.model, tx, mesh, rules, trainable=task.trainable, loss_scale=loss_scale
-    )
-    example = task.example or data.example_spec(data.as_dataset(task.data))
-    shardings = data.batch_shardings(example, mesh, rules, task.batch_axes)
-    abstract = data.abstract_batch(example, config.global_batch_size, shardings)
+    from jaxtrain import sharding, steps
+
+    task, mesh, rules, layout, loss_scale, shardings, abstract = build(config)
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         start = time.perf_counter()
         train_step = steps.make_train_step(
@@ -666,14 +658,7 @@ def _build(config):
         traced_s = time.perf_counter() - start
         compiled = lowered.compile()
         compile_s = time.perf_counter() - start
-    iterator = data.TrainIterator(
-        data.as_dataset(task.data),
-        global_batch_size=config.global_batch_size,
-        seed=config.data.seed,
-        shard_index=0,
-        shard_count=1,
-        read_threads=config.data.read_threads,
-    )
+    iterator = train_iterator(config, task)
     return task, mesh, layout, compiled, shardings, iterator, traced_s, compile_s
 
 

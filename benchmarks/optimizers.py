@@ -118,23 +118,17 @@ def search(name: str, steps: int, root: str) -> list[dict]:
 
 def state_bytes_per_parameter(name: str) -> float:
     """The optimizer state's bytes per model parameter, from the state's layout."""
-    import jax
+    sys.path.insert(0, HERE)
+    from overhead import build
 
     from jaxtrain import config as config_lib
-    from jaxtrain import optim, sharding
-    from jaxtrain import state as state_lib
-    from jaxtrain import tasks as tasks_lib
+    from jaxtrain import optim
 
     config = config_lib.load_config(CONFIG)
     config.optim.name = name
     config.optim.update(EXTRA.get(name, {}))
     config_lib.validate(config)
-    task = tasks_lib.from_config(config)
-    mesh, rules = sharding.mesh_and_rules(config, jax.devices()[:1])
-    tx, _ = optim.optimizer_and_schedule(
-        config, task.optimizer, model=task.model, trainable=task.trainable
-    )
-    layout = state_lib.make_state_layout(task.model, tx, mesh, rules, trainable=task.trainable)
+    layout = build(config)[3]  # shapes only: no state is made
     return optim.state_bytes_per_parameter(layout)
 
 

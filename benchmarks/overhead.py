@@ -59,10 +59,9 @@ def jaxtrain_seconds_per_step(config, warmup: int, steps_: int) -> float:
     return total / sum(intervals)
 
 
-def setup(config, num_batches: int):
-    """The pieces `train_and_evaluate` builds, by the same functions: (mesh, layout, the
-    compiled train step, `num_batches` global batches already on the device, the data
-    iterator after them)."""
+def build(config):
+    """What `train_and_evaluate` builds before compiling, by the same functions: (task,
+    mesh, rules, layout, loss scale, batch shardings, abstract global batch)."""
     task = tasks.from_config(config)
     mesh, rules = sharding.mesh_and_rules(config, None)
     tx, _ = optim.optimizer_and_schedule(
@@ -75,6 +74,26 @@ def setup(config, num_batches: int):
     example = task.example or data.example_spec(data.as_dataset(task.data))
     shardings = data.batch_shardings(example, mesh, rules, task.batch_axes)
     abstract = data.abstract_batch(example, config.global_batch_size, shardings)
+    return task, mesh, rules, layout, loss_scale, shardings, abstract
+
+
+def train_iterator(config, task):
+    """The task's training batches, as one process of the run reads them."""
+    return data.TrainIterator(
+        data.as_dataset(task.data),
+        global_batch_size=config.global_batch_size,
+        seed=config.data.seed,
+        shard_index=0,
+        shard_count=1,
+        read_threads=config.data.read_threads,
+    )
+
+
+def setup(config, num_batches: int):
+    """The pieces `train_and_evaluate` builds, by the same functions: (mesh, layout, the
+    compiled train step, `num_batches` global batches already on the device, the data
+    iterator after them)."""
+    task, mesh, rules, layout, loss_scale, shardings, abstract = build(config)
     with jax.set_mesh(mesh), sharding.use_rules(rules):
         step = steps.compile_train_step(
             steps.make_train_step(
@@ -86,14 +105,7 @@ def setup(config, num_batches: int):
             layout,
             abstract,
         )
-    iterator = data.TrainIterator(
-        data.as_dataset(task.data),
-        global_batch_size=config.global_batch_size,
-        seed=config.data.seed,
-        shard_index=0,
-        shard_count=1,
-        read_threads=config.data.read_threads,
-    )
+    iterator = train_iterator(config, task)
     batches = [data.to_global(next(iterator), shardings) for _ in range(num_batches)]
     jax.block_until_ready(batches)
     return mesh, layout, step, batches, iterator
